@@ -1,0 +1,1 @@
+"""lightning-prune: physical channel pruning while training with PyTorch Lightning."""

@@ -1,0 +1,13 @@
+"""Structure layer: channel groups, physical removal, plans, optimizer transplant, FLOPs."""
+from .flops import ModelCost, count_flops, count_params, measure
+from .graph import IN, OUT, ChannelGroup, DependencyGraph, GroupMember, SurgeryResult, apply_plan
+from .optimizer import transplant_optimizer
+from .plan import PruningPlan
+from .surgery import ModelSnapshot, ParameterLineage, Slicing
+from .tracing import preserved_state, run_bounded
+
+__all__ = [
+    "IN", "OUT", "ChannelGroup", "DependencyGraph", "GroupMember", "ModelCost", "ModelSnapshot",
+    "ParameterLineage", "PruningPlan", "Slicing", "SurgeryResult", "apply_plan", "count_flops", "count_params",
+    "measure", "preserved_state", "run_bounded", "transplant_optimizer",
+]

@@ -1,0 +1,740 @@
+"""Channel groups and physical channel removal, built on Torch-Pruning's DependencyGraph.
+
+Everything else in lightning-prune talks to this module only: criteria read :class:`ChannelGroup` members,
+allocation decides indices, and :meth:`DependencyGraph.prune_groups` removes them. Torch-Pruning stays behind
+this interface so the engine could be swapped.
+
+A *channel group* is the set of coupled tensors that must lose the same channel indices together: a conv's
+filters, the BatchNorm after it, every conv that reads those channels, and, across a residual add or a concat,
+every other producer and consumer tied to them. Channels of a group are numbered ``0 .. size-1`` in the order of
+the group's root (its first producer in module order); each member maps its own positions onto those numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import contextlib
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping as tp_index_mapping
+
+from ..errors import PruningError, UnsupportedModelError, check_choice
+from .plan import PruningPlan
+from .surgery import ModelSnapshot, ParameterLineage, Slicing
+from .tracing import (
+    batch_of_at_least,
+    call_model,
+    output_shapes,
+    preserved_state,
+    run_bounded,
+)
+
+OUT = "out"
+IN = "in"
+TRACE_MODES = ("train", "eval")
+_CONV = nn.modules.conv._ConvNd
+_NORM = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_INDEX_MAPPING_UPDATERS = (
+    "update_concat_index_mapping",
+    "update_split_index_mapping",
+    "update_reshape_index_mapping",
+    "update_unbind_index_mapping",
+    "update_expand_index_mapping",
+    "update_slice_index_mapping",
+)
+
+
+class _UnmappableOp(Exception):
+    pass
+
+
+class _Unmappable:
+    """Index mapping of an op whose channel correspondence is unknown: any group that reaches it fails."""
+
+    def __init__(self, node: Any):
+        self.node = node
+
+    def __call__(self, idxs: Any) -> Any:
+        raise _UnmappableOp(f"channels cannot be followed through {self.node.module}")
+
+
+def _make_unmappable(node: Any) -> None:
+    for dep in node.dependencies:
+        dep.index_mapping[0] = _Unmappable(node)
+    for neighbour in list(node.inputs) + list(node.outputs):
+        for dep in neighbour.dependencies:
+            if dep.target is node:
+                dep.index_mapping[0] = _Unmappable(node)
+
+
+def _is_channel_shuffle(node: Any) -> bool:
+    """A view next to a transpose with a 5-D shape: ``x.view(b, g, c // g, h, w).transpose(1, 2)`` and back.
+    Torch-Pruning maps channels straight through it, which would be wrong (the channels are permuted)."""
+    if node.type != tp.ops.OPTYPE.RESHAPE:
+        return False
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None) or getattr(node.grad_fn, "_saved_self_sizes", ())
+    neighbours = list(node.inputs) + list(node.outputs)
+    transposed = any(
+        isinstance(n.module, tp.ops._ElementWiseOp) and ("Transpose" in n.module._grad_fn or "Permute" in n.module._grad_fn)
+        for n in neighbours + [m for n in neighbours for m in list(n.inputs) + list(n.outputs)]
+    )
+    return transposed and len(tuple(sizes)) >= 5 or transposed and any(len(tuple(
+        getattr(n.grad_fn, "_saved_self_sym_sizes", None) or getattr(n.grad_fn, "_saved_self_sizes", ()) or ()
+    )) >= 5 for n in neighbours if n.type == tp.ops.OPTYPE.ELEMENTWISE)
+
+
+@contextlib.contextmanager
+def _tolerant_index_mapping(frozen: set) -> Any:
+    """Let Torch-Pruning skip ops whose channel index mapping it cannot work out instead of failing the whole
+    model (ShuffleNet's channel shuffle is a view/transpose/view that crashes its reshape inference).
+    Such op nodes are collected in ``frozen`` and made unmappable: every group that passes through one fails
+    to build and is left unpruned, while the rest of the model stays prunable."""
+    originals = {name: getattr(tp_index_mapping, name) for name in _INDEX_MAPPING_UPDATERS}
+
+    def tolerant(update):
+        def run(graph, node):
+            if node not in frozen:
+                try:
+                    return update(graph, node)
+                except Exception:
+                    frozen.add(node)
+            _make_unmappable(node)
+
+        return run
+
+    for name, update in originals.items():
+        setattr(tp_index_mapping, name, tolerant(update))
+    try:
+        yield
+    finally:
+        for name, update in originals.items():
+            setattr(tp_index_mapping, name, update)
+
+
+@dataclass(frozen=True, eq=False)
+class GroupMember:
+    """One coupled module of a group.
+
+    ``kind`` is ``"out"`` when the group's channels are the module's outputs (conv filters, linear rows,
+    normalization features) and ``"in"`` when the module reads them (conv input channels, linear columns).
+    ``positions[i]`` is an index along the module's channel axis and ``channels[i]`` the group channel it
+    belongs to; a Linear after a flatten reads each channel at several positions.
+    """
+
+    module_name: str
+    module: nn.Module = dataclasses.field(repr=False)
+    kind: str
+    positions: torch.Tensor = dataclasses.field(repr=False)
+    channels: torch.Tensor = dataclasses.field(repr=False)
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, _CONV)
+
+    @property
+    def is_linear(self) -> bool:
+        return isinstance(self.module, nn.Linear)
+
+    @property
+    def is_norm(self) -> bool:
+        return isinstance(self.module, _NORM)
+
+    @property
+    def is_depthwise(self) -> bool:
+        m = self.module
+        return isinstance(m, _CONV) and m.groups > 1 and m.groups == m.out_channels == m.in_channels
+
+    def weight_index(self) -> tuple[torch.Tensor, ...] | None:
+        """Advanced index into ``module.weight`` selecting, for each position, its slice of the weight.
+
+        ``module.weight[index]`` has the positions as its first dimension: for ``"out"`` members the filters
+        (rows), for ``"in"`` members the weights that read that input position. Zeroing
+        ``module.weight[index]`` of every ``"in"`` member disconnects the group's channels from the network.
+        """
+        m, p = self.module, self.positions
+        weight = getattr(m, "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            return None
+        if self.is_norm:
+            return (p,) if weight.dim() == 1 else None
+        if self.is_linear:
+            if self.kind == OUT:
+                return (p,)
+            rows = torch.arange(weight.shape[0]).expand(len(p), -1)
+            return (rows, p[:, None].expand_as(rows))
+        if self.is_conv:
+            transposed = getattr(m, "transposed", False)
+            if self.kind == OUT or self.is_depthwise:
+                if not transposed:
+                    return (p,)
+                if m.groups != 1:
+                    return None
+                rows = torch.arange(weight.shape[0]).expand(len(p), -1)
+                return (rows, p[:, None].expand_as(rows))
+            if transposed:
+                return (p,) if m.groups == 1 else None
+            in_per_group = m.in_channels // m.groups
+            out_per_group = m.out_channels // m.groups
+            base = (p // in_per_group) * out_per_group
+            rows = base[:, None] + torch.arange(out_per_group)[None, :]
+            return (rows, (p % in_per_group)[:, None].expand_as(rows))
+        return None
+
+    def weight_rows(self) -> torch.Tensor | None:
+        """The member's weights for each position, flattened: shape ``[len(positions), d]`` (detached)."""
+        index = self.weight_index()
+        if index is None:
+            return None
+        weight = self.module.weight.detach()
+        return weight[index].reshape(len(self.positions), -1)
+
+
+class ChannelGroup:
+    """A set of coupled channels that are removed together.
+
+    Attributes:
+        name: stable, human-readable name: the first producing module in ``model.named_modules()`` order.
+        size: current number of channels.
+        divisions: channels come in this many equal chunks (grouped convolutions); removal must take the same
+            positions from every chunk.
+        members: every coupled module with its positions (see :class:`GroupMember`).
+        original_size: width before any pruning recorded in the graph's plan.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        divisions: int,
+        members: Sequence[GroupMember],
+        original_size: int,
+        root: tuple[nn.Module, Callable],
+    ):
+        self.name = name
+        self.size = size
+        self.divisions = divisions
+        self.members = tuple(members)
+        self.original_size = original_size
+        self._root = root
+
+    @property
+    def producers(self) -> list[GroupMember]:
+        """Convs/linears whose output channels are this group (their filters are the group's filters)."""
+        return [m for m in self.members if m.kind == OUT and (m.is_conv or m.is_linear)]
+
+    @property
+    def consumers(self) -> list[GroupMember]:
+        """Convs/linears that read the group's channels (excluding depthwise convs, which are producers)."""
+        return [m for m in self.members if m.kind == IN and (m.is_conv or m.is_linear) and not m.is_depthwise]
+
+    @property
+    def norms(self) -> list[GroupMember]:
+        return [m for m in self.members if m.kind == OUT and m.is_norm]
+
+    @property
+    def module_names(self) -> list[str]:
+        return sorted({m.module_name for m in self.members})
+
+    @property
+    def min_size(self) -> int:
+        return self.divisions
+
+    def filters(self) -> torch.Tensor:
+        """The producers' filters side by side, one row per group channel: shape ``[size, d]``.
+
+        For a coupled group (residual add) this concatenates every producer, which is how redundancy between
+        channels is judged for the whole group."""
+        blocks = []
+        for member in self.producers:
+            rows = member.weight_rows()
+            if rows is None:
+                continue
+            block = rows.new_zeros(self.size, rows.shape[1])
+            block[member.channels] = rows
+            blocks.append(block)
+        if not blocks:
+            raise ValueError(f"group {self.name!r} has no convolution or linear producer to read filters from")
+        return torch.cat(blocks, dim=1)
+
+    def validate_removal(self, indices: Iterable[int], *, param: str = "indices") -> list[int]:
+        """Check indices against this group and return them sorted; raise ``ValueError`` naming ``param``."""
+        try:
+            values = [int(i) for i in indices]
+        except (TypeError, ValueError):
+            raise ValueError(f"{param} for group {self.name!r} must be integers in [0, {self.size}).") from None
+        bad = [i for i in values if not 0 <= i < self.size]
+        if bad:
+            raise ValueError(
+                f"{param} for group {self.name!r} out of range: {bad[:5]}; accepted values are integers in "
+                f"[0, {self.size})."
+            )
+        unique = sorted(set(values))
+        if len(unique) != len(values):
+            raise ValueError(f"{param} for group {self.name!r} contains duplicates.")
+        if self.size - len(unique) < self.min_size:
+            raise ValueError(
+                f"{param} would remove {len(unique)} of {self.size} channels of group {self.name!r}; at least "
+                f"{self.min_size} must remain."
+            )
+        if self.divisions > 1:
+            chunk = self.size // self.divisions
+            pattern = sorted({i % chunk for i in unique})
+            expected = sorted(p + k * chunk for k in range(self.divisions) for p in pattern)
+            if expected != unique:
+                raise ValueError(
+                    f"{param} for group {self.name!r}: this group feeds a grouped convolution with "
+                    f"{self.divisions} groups, so the same positions must be removed from each of its "
+                    f"{self.divisions} chunks of {chunk} channels (use ChannelGroup.expand_positions)."
+                )
+        return unique
+
+    def expand_positions(self, positions: Iterable[int]) -> list[int]:
+        """Positions within one chunk → the channel indices of those positions in every chunk."""
+        chunk = self.size // self.divisions
+        return sorted(int(p) + k * chunk for k in range(self.divisions) for p in positions)
+
+    def lowest(self, scores: torch.Tensor, n_remove: int) -> list[int]:
+        """The ``n_remove`` channels with the lowest scores, respecting grouped-conv chunks (ties: lower index
+        first, so the choice is deterministic on every rank). ``n_remove`` must be a multiple of ``divisions``."""
+        scores = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
+        if scores.numel() != self.size:
+            raise ValueError(f"scores for group {self.name!r} have {scores.numel()} values, expected {self.size}")
+        if n_remove <= 0:
+            return []
+        if n_remove % self.divisions:
+            raise ValueError(f"n_remove={n_remove} must be a multiple of divisions={self.divisions}")
+        per_chunk = scores.view(self.divisions, -1).mean(0)
+        order = sorted(range(per_chunk.numel()), key=lambda i: (float(per_chunk[i]), i))
+        return self.expand_positions(order[: n_remove // self.divisions])
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelGroup(name={self.name!r}, size={self.size}, original_size={self.original_size}, "
+            f"divisions={self.divisions}, members={len(self.members)})"
+        )
+
+
+@dataclass
+class SurgeryResult:
+    """What one call of :meth:`DependencyGraph.prune_groups` did."""
+
+    removed: dict[str, list[int]]
+    replacements: dict[nn.Parameter, Slicing]
+    seconds: float
+
+
+class DependencyGraph:
+    """Dependency-aware channel groups of a model, and their physical removal.
+
+    Args:
+        model: the network; pruned in place.
+        example_inputs: a tensor, tuple (positional arguments) or dict (keyword arguments) to trace with.
+        ignore: module names (or modules) whose output channels must never be pruned; every group with such a
+            module among its producers is left out. A name covers the module and everything inside it.
+        trace_mode: ``"train"`` (default) traces a train-mode forward so branches that only run in training
+            (GoogLeNet/Inception auxiliary heads) are part of the graph; BatchNorm statistics and the RNG are
+            restored afterwards. ``"eval"`` traces an eval-mode forward, like plain Torch-Pruning.
+        protect_outputs: never prune groups that would change the shape of the model's outputs (the
+            classifier); set False only if you mean it.
+        build_timeout: seconds allowed for tracing and grouping before :class:`GraphBuildTimeout`; ``None``
+            disables the bound.
+        max_build_memory_mb: resident-memory growth allowed while building; ``None`` disables the bound.
+        plan: the plan of a model that was already pruned, so new removals compose with it.
+        customized_pruners: Torch-Pruning pruners for custom layer types (``{LayerType: pruner}``).
+        forward_fn: ``forward_fn(model, example_inputs)`` when the model is not called as ``model(x)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        ignore: Iterable[str | nn.Module] = (),
+        *,
+        trace_mode: str = "train",
+        protect_outputs: bool = True,
+        build_timeout: float | None = 120.0,
+        max_build_memory_mb: float | None = 8192.0,
+        plan: PruningPlan | dict | None = None,
+        customized_pruners: Mapping[Any, Any] | None = None,
+        forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_choice("trace_mode", trace_mode, TRACE_MODES)
+        self.model = model
+        self.example_inputs = example_inputs
+        self.trace_mode = trace_mode
+        self.protect_outputs = protect_outputs
+        self.build_timeout = build_timeout
+        self.max_build_memory_mb = max_build_memory_mb
+        self.customized_pruners = dict(customized_pruners or {})
+        self.forward_fn = forward_fn
+        self.plan = PruningPlan.from_dict(plan)
+        self._names = {module: name for name, module in model.named_modules()}
+        self._order = {name: i for i, name in enumerate(self._names.values())}
+        self.ignored = self._resolve_ignore(ignore)
+        self._tp: tp.DependencyGraph | None = None
+        self._frozen_nodes: set = set()
+        self._groups: list[ChannelGroup] | None = None
+        self._reference_shapes = self._output_shapes()
+        self.build_seconds = 0.0
+        self._build()
+
+    # -- construction ------------------------------------------------------------------------------------------
+    def _resolve_ignore(self, ignore: Iterable[str | nn.Module]) -> set[nn.Module]:
+        if isinstance(ignore, (str, nn.Module)):
+            ignore = [ignore]
+        modules = dict(self.model.named_modules())
+        resolved: set[nn.Module] = set()
+        for entry in ignore:
+            if isinstance(entry, str):
+                if entry not in modules or entry == "":
+                    import difflib
+
+                    close = difflib.get_close_matches(entry, [n for n in modules if n], n=3)
+                    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+                    raise ValueError(
+                        f"ignore: {entry!r} is not a module of the model; accepted values are names from "
+                        f"model.named_modules() (e.g. {next((n for n in modules if n), '')!r}).{hint}"
+                    )
+                module = modules[entry]
+            elif isinstance(entry, nn.Module):
+                if entry not in self._names:
+                    raise ValueError(f"ignore: {type(entry).__name__} instance is not a submodule of the model.")
+                module = entry
+            else:
+                raise ValueError(f"ignore entries must be module names or modules, got {entry!r}")
+            resolved.update(module.modules())
+        return resolved
+
+    def _forward(self, model: nn.Module, inputs: Any) -> Any:
+        return self.forward_fn(model, inputs) if self.forward_fn is not None else call_model(model, inputs)
+
+    def _output_shapes(self) -> list[tuple[int, ...]]:
+        with preserved_state(self.model), torch.no_grad():
+            self.model.eval()
+            try:
+                return output_shapes(self._forward(self.model, self.example_inputs))
+            except Exception as error:
+                raise UnsupportedModelError(
+                    f"example_inputs: the model's forward failed on them ({type(error).__name__}: {error})."
+                ) from error
+
+    def _build(self) -> None:
+        start = time.perf_counter()
+        model_name = type(self.model).__name__
+        run_bounded(
+            self._trace,
+            what=f"Building the dependency graph of {model_name}",
+            timeout_s=self.build_timeout,
+            max_memory_mb=self.max_build_memory_mb,
+        )
+        self.build_seconds = time.perf_counter() - start
+
+    def _trace(self) -> None:
+        graph = tp.DependencyGraph()
+        trace_mode = self.trace_mode
+        inputs = batch_of_at_least(self.example_inputs) if trace_mode == "train" else self.example_inputs
+
+        def forward(model: nn.Module, x: Any) -> Any:
+            model.train(trace_mode == "train")  # Torch-Pruning calls model.eval() before this
+            return self._forward(model, x)
+
+        self._frozen_nodes = set()
+        with preserved_state(self.model), torch.enable_grad(), _tolerant_index_mapping(self._frozen_nodes):
+            try:
+                graph.build_dependency(
+                    self.model,
+                    example_inputs=inputs,
+                    forward_fn=forward,
+                    customized_pruners=self.customized_pruners or None,
+                    verbose=False,
+                )
+            except Exception as error:
+                raise UnsupportedModelError(
+                    f"Torch-Pruning could not trace {type(self.model).__name__}: {type(error).__name__}: {error}"
+                ) from error
+        self._frozen_nodes.update(n for n in graph.module2node.values() if _is_channel_shuffle(n))
+        for node in self._frozen_nodes:
+            _make_unmappable(node)
+        self._tp = graph
+        self._groups = None
+        self.unknown_ops = sorted(
+            str(node.grad_fn.name()) if hasattr(node.grad_fn, "name") else str(node.grad_fn)
+            for node in graph.module2node.values()
+            if isinstance(node.module, tp.ops._ElementWiseOp) and node.module._grad_fn == "Unknown"
+        )
+        self.groups  # group now, inside the time bound
+
+    @property
+    def frozen_ops(self) -> list[str]:
+        """Ops whose channel mapping Torch-Pruning could not infer; groups through them are never pruned."""
+        return sorted(str(node.module) for node in self._frozen_nodes)
+
+    # -- groups ------------------------------------------------------------------------------------------------
+    @property
+    def groups(self) -> list[ChannelGroup]:
+        """All prunable channel groups, in module order of their names."""
+        if self._groups is None:
+            self._groups = self._collect_groups()
+        return list(self._groups)
+
+    def group(self, name: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        import difflib
+
+        names = [g.name for g in self.groups]
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise KeyError(f"group {name!r} is not a prunable group of this model.{hint} Groups: {names[:8]}...")
+
+    def _collect_groups(self) -> list[ChannelGroup]:
+        graph = self._tp
+        assert graph is not None
+        groups: list[ChannelGroup] = []
+        root_types = [_CONV, nn.Linear]
+        with _tolerant_index_mapping(self._frozen_nodes):
+            tp_groups = self._tp_groups(root_types)
+        frozen_modules = {node.module for node in self._frozen_nodes}
+        for tp_group in tp_groups:
+            if self.protect_outputs and self._reaches_output(tp_group):
+                continue
+            if any(item.dep.target.module in frozen_modules for item in tp_group):
+                continue
+            members = self._members(tp_group)
+            out_names = [m.module_name for m in members if m.kind == OUT]
+            if not out_names:
+                continue
+            name = min(out_names, key=lambda n: self._order.get(n, len(self._order)))
+            size = len(tp_group[0].idxs)
+            root_dep = tp_group[0].dep
+            record = self.plan.groups.get(name)
+            original = record.original_size if record is not None else size
+            groups.append(
+                ChannelGroup(
+                    name=name,
+                    size=size,
+                    divisions=self._divisions(tp_group, size),
+                    members=members,
+                    original_size=original,
+                    root=(root_dep.target.module, root_dep.handler),
+                )
+            )
+        groups.sort(key=lambda g: self._order.get(g.name, len(self._order)))
+        return groups
+
+    def _tp_groups(self, root_types: list[type]) -> list:
+        """Torch-Pruning's ``get_all_groups``, except that a root whose group cannot be mapped (it crosses an op
+        Torch-Pruning cannot follow) is recorded in ``self.unmappable`` and skipped instead of failing."""
+        graph = self._tp
+        visited: set[nn.Module] = set()
+        ignored = set(self.ignored)
+        self.unmappable: dict[str, str] = {}
+        result = []
+        for module in list(graph.module2node):
+            if module in ignored or module in visited or not isinstance(module, tuple(root_types)):
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            if pruner is None or pruner.get_out_channels(module) is None:
+                continue
+            try:
+                tp_group = graph.get_pruning_group(
+                    module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
+                )
+            except Exception as error:
+                self.unmappable[self._names.get(module, str(module))] = f"{type(error).__name__}: {error}"
+                visited.add(module)
+                continue
+            prunable = True
+            for item in tp_group:
+                if graph.is_out_channel_pruning_fn(item.dep.handler):
+                    visited.add(item.dep.target.module)
+                    if item.dep.target.module in ignored:
+                        prunable = False
+            if prunable:
+                result.append(tp_group)
+        return result
+
+    def _members(self, tp_group) -> list[GroupMember]:
+        graph = self._tp
+        members = []
+        for item in tp_group:
+            module = item.dep.target.module
+            name = self._names.get(module)
+            if name is None:  # Torch-Pruning's own op nodes (add, cat, reshape) and bare parameters
+                continue
+            kind = OUT if graph.is_out_channel_pruning_fn(item.dep.handler) else IN
+            members.append(
+                GroupMember(
+                    module_name=name,
+                    module=module,
+                    kind=kind,
+                    positions=torch.as_tensor(list(item.idxs), dtype=torch.long),
+                    channels=torch.as_tensor(list(item.root_idxs), dtype=torch.long),
+                )
+            )
+        return members
+
+    def _reaches_output(self, tp_group) -> bool:
+        graph = self._tp
+        for item in tp_group:
+            target = item.dep.target
+            if isinstance(target.module, tp.ops._OutputOp):
+                return True
+            if graph.is_out_channel_pruning_fn(item.dep.handler) and not target.outputs:
+                return True
+        return False
+
+    def _divisions(self, tp_group, size: int) -> int:
+        graph = self._tp
+        divisions = 1
+        for item in tp_group:
+            module = item.dep.target.module
+            if not isinstance(module, nn.Module) or module not in self._names:
+                continue
+            if isinstance(module, _CONV) and module.groups == module.out_channels:
+                continue  # depthwise: channels are independent
+            pruner = graph.get_pruner_of_module(module)
+            if pruner is None:
+                continue
+            if graph.is_out_channel_pruning_fn(item.dep.handler):
+                count = pruner.get_out_channel_groups(module)
+            else:
+                count = pruner.get_in_channel_groups(module)
+            if count and count > 1 and size % count == 0:
+                divisions = max(divisions, int(count))
+        return divisions
+
+    # -- surgery -----------------------------------------------------------------------------------------------
+    def prune(self, group: ChannelGroup | str, indices: Iterable[int]) -> SurgeryResult:
+        """Remove ``indices`` (channel numbers of ``group``) from every coupled tensor."""
+        return self.prune_groups({group.name if isinstance(group, ChannelGroup) else group: indices})
+
+    def prune_groups(self, removals: Mapping[str | ChannelGroup, Iterable[int]], **event_info: Any) -> SurgeryResult:
+        """Remove channels from several groups in one atomic step.
+
+        Every argument is checked before the model is touched. If surgery or the forward check after it fails,
+        the model is restored exactly and :class:`PruningError` is raised: a failed prune never leaves a
+        half-pruned model. On success the plan records the removal and the groups are refreshed.
+
+        Returns a :class:`SurgeryResult` whose ``replacements`` map each replaced parameter to its successor,
+        for :func:`lightning_prune.transplant_optimizer`.
+        """
+        if not isinstance(removals, Mapping):
+            raise TypeError("removals must map group names to channel indices")
+        by_name = {g.name: g for g in self.groups}
+        checked: dict[str, list[int]] = {}
+        for key, indices in removals.items():
+            name = key.name if isinstance(key, ChannelGroup) else key
+            if name not in by_name:
+                self.group(name)  # raises KeyError with suggestions
+            if isinstance(indices, torch.Tensor):
+                indices = indices.flatten().tolist()
+            unique = by_name[name].validate_removal(indices)
+            if unique:
+                checked[name] = unique
+        start = time.perf_counter()
+        if not checked:
+            return SurgeryResult({}, {}, 0.0)
+
+        snapshot = ModelSnapshot(self.model)
+        lineage = ParameterLineage()
+        try:
+            with lineage.recording(), torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes):
+                for name, indices in checked.items():
+                    module, handler = by_name[name]._root
+                    self._tp.get_pruning_group(module, handler, indices).prune()
+            self._check_forward()
+        except Exception as error:
+            snapshot.restore()
+            self._rebuild_after_failure()
+            raise PruningError(
+                f"Pruning failed and the model was restored to its state before this step: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+        for name, indices in checked.items():
+            self.plan.record_removal(name, by_name[name].size, indices)
+        self.plan.add_event(removed={name: len(ix) for name, ix in checked.items()}, **event_info)
+        self._groups = None
+        return SurgeryResult(checked, lineage.replacements(self.model), time.perf_counter() - start)
+
+    def _check_forward(self) -> None:
+        """Run the pruned model in eval and in train mode: both must work and keep the output shapes."""
+        with preserved_state(self.model), torch.no_grad():
+            self.model.eval()
+            shapes = output_shapes(self._forward(self.model, self.example_inputs))
+            if shapes != self._reference_shapes:
+                raise RuntimeError(f"output shapes changed from {self._reference_shapes} to {shapes}")
+            if self.trace_mode == "train":
+                self.model.train()
+                self._forward(self.model, batch_of_at_least(self.example_inputs))
+
+    def _rebuild_after_failure(self) -> None:
+        # Torch-Pruning's op nodes (concat sizes, reshape info) may have been edited before the failure.
+        try:
+            self._build()
+        except Exception:
+            self._tp = None
+            self._groups = []
+
+    # -- reporting ---------------------------------------------------------------------------------------------
+    def widths(self) -> dict[str, int]:
+        return {g.name: g.size for g in self.groups}
+
+    def original_widths(self) -> dict[str, int]:
+        return {g.name: g.original_size for g in self.groups}
+
+    def channel_sparsity(self) -> float:
+        """Fraction of the prunable channels (summed over groups) removed so far."""
+        original = sum(g.original_size for g in self.groups)
+        return 1.0 - sum(g.size for g in self.groups) / original if original else 0.0
+
+    def __repr__(self) -> str:
+        return f"DependencyGraph({type(self.model).__name__}, groups={len(self.groups)}, trace_mode={self.trace_mode!r})"
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: PruningPlan | dict,
+    example_inputs: Any,
+    **graph_kwargs: Any,
+) -> DependencyGraph:
+    """Rebuild a pruned architecture on a freshly constructed (unpruned) ``model``, in place.
+
+    Afterwards ``model.load_state_dict(pruned_state_dict)`` works. Returns the graph, whose ``plan`` equals
+    ``plan``. Raises :class:`PlanMismatchError` when the plan names groups or widths the model does not have.
+    """
+    from ..errors import PlanMismatchError
+
+    plan = PruningPlan.from_dict(plan)
+    graph_kwargs.pop("ignore", None)
+    graph = DependencyGraph(model, example_inputs, **graph_kwargs)
+    current = {g.name: g for g in graph.groups}
+    removals = {}
+    for name, record in plan.groups.items():
+        group = current.get(name)
+        if group is None:
+            raise PlanMismatchError(
+                f"plan: group {name!r} does not exist in {type(model).__name__}; was the plan made for another "
+                "architecture or configuration?"
+            )
+        if group.size != record.original_size:
+            raise PlanMismatchError(
+                f"plan: group {name!r} has {group.size} channels in this model but the plan was made on "
+                f"{record.original_size}; apply_plan needs a freshly constructed, unpruned model."
+            )
+        kept = set(record.kept)
+        removed = [i for i in range(group.size) if i not in kept]
+        if removed:
+            removals[name] = removed
+    graph.prune_groups(removals, source="apply_plan")
+    graph.plan.events = [dict(e) for e in plan.events]
+    return graph

@@ -1,0 +1,98 @@
+"""Making surgery atomic and traceable.
+
+`ModelSnapshot` lets a failed pruning step restore the model exactly (no half-pruned model, ever).
+`ParameterLineage` records how every parameter was sliced, so optimizer state can be sliced the same way.
+Both are cheap: they hold references, never copies of weights.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch_pruning.pruner import function as tp_function
+
+
+class ModelSnapshot:
+    """References to every module's parameters, buffers and public attributes (``in_channels``,
+    ``num_features``...). Torch-Pruning replaces tensors rather than editing them, so restoring the references
+    restores the model."""
+
+    def __init__(self, model: nn.Module):
+        self._modules = []
+        for module in model.modules():
+            attributes = {
+                key: copy.copy(value) if isinstance(value, (list, dict, set)) else value
+                for key, value in vars(module).items()
+                if not key.startswith("_")
+            }
+            self._modules.append((module, dict(module._parameters), dict(module._buffers), attributes))
+        self._tensors = [(p, p.data, p.grad) for p in model.parameters()]
+        self._tensors += [(b, b.data, None) for b in model.buffers()]
+
+    def restore(self) -> None:
+        for module, parameters, buffers, attributes in self._modules:
+            module._parameters.clear()
+            module._parameters.update(parameters)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            for key in [k for k in vars(module) if not k.startswith("_") and k not in attributes]:
+                delattr(module, key)
+            vars(module).update(attributes)
+        for tensor, data, grad in self._tensors:
+            tensor.data = data
+            if isinstance(tensor, nn.Parameter):
+                tensor.grad = grad
+
+
+@dataclass
+class Slicing:
+    """How a parameter became its pruned successor: ``index_select(dim, kept)`` applied in order."""
+
+    new: nn.Parameter
+    steps: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        for dim, kept in self.steps:
+            tensor = tensor.index_select(dim, kept.to(tensor.device))
+        return tensor
+
+
+class ParameterLineage:
+    """Records every parameter replacement Torch-Pruning makes while recording is on."""
+
+    def __init__(self) -> None:
+        self._origin: dict[int, tuple[nn.Parameter, list[tuple[int, torch.Tensor]]]] = {}
+        self._alive: list[torch.Tensor] = []  # keeps ids unique while we map them
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["ParameterLineage"]:
+        original = tp_function.BasePruningFunc._prune_parameter_and_grad
+        lineage = self
+
+        def recorded(pruner, weight, keep_idxs, pruning_dim):
+            new = original(pruner, weight, keep_idxs, pruning_dim)
+            root, steps = lineage._origin.get(id(weight), (weight, []))
+            kept = torch.as_tensor(list(keep_idxs), dtype=torch.long)
+            lineage._origin[id(new)] = (root, steps + [(int(pruning_dim), kept)])
+            lineage._alive.extend([weight, new])
+            return new
+
+        tp_function.BasePruningFunc._prune_parameter_and_grad = recorded
+        try:
+            yield self
+        finally:
+            tp_function.BasePruningFunc._prune_parameter_and_grad = original
+
+    def replacements(self, model: nn.Module) -> dict[nn.Parameter, Slicing]:
+        """Map each replaced (old) parameter to its successor now in ``model`` and the slicing between them."""
+        result: dict[nn.Parameter, Slicing] = {}
+        for parameter in model.parameters():
+            origin = self._origin.get(id(parameter))
+            if origin is not None:
+                root, steps = origin
+                result[root] = Slicing(parameter, steps)
+        return result
