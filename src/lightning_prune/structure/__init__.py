@@ -1,5 +1,5 @@
 """Structure layer: channel groups, physical removal, plans, optimizer transplant, FLOPs."""
-from .flops import ModelCost, count_flops, count_params, measure
+from .flops import FlopsModel, ModelCost, count_flops, count_params, measure
 from .graph import IN, OUT, ChannelGroup, DependencyGraph, GroupMember, SurgeryResult, apply_plan
 from .optimizer import transplant_optimizer
 from .plan import PruningPlan
@@ -7,7 +7,7 @@ from .surgery import ModelSnapshot, ParameterLineage, Slicing
 from .tracing import preserved_state, run_bounded
 
 __all__ = [
-    "IN", "OUT", "ChannelGroup", "DependencyGraph", "GroupMember", "ModelCost", "ModelSnapshot",
+    "IN", "OUT", "ChannelGroup", "FlopsModel", "DependencyGraph", "GroupMember", "ModelCost", "ModelSnapshot",
     "ParameterLineage", "PruningPlan", "Slicing", "SurgeryResult", "apply_plan", "count_flops", "count_params",
     "measure", "preserved_state", "run_bounded", "transplant_optimizer",
 ]

@@ -54,3 +54,53 @@ def count_params(model: nn.Module) -> int:
 
 def measure(model: nn.Module, example_inputs: Any) -> ModelCost:
     return ModelCost(flops=count_flops(model, example_inputs), params=count_params(model))
+
+
+class FlopsModel:
+    """Predicts fvcore FLOPs for any assignment of group widths, from one fvcore count per module.
+
+    The FLOPs of a convolution, linear or normalization layer are proportional to its output width times its
+    input width per group (or to its width alone for normalizations), so scaling each module's measured count
+    by its kept fractions is exact for those layers; other ops (pooling, activations, adds) are scaled by the
+    output fraction of their own module where known and otherwise kept. Used to plan a FLOPs target without
+    trial surgery; the final count is always re-measured with fvcore.
+    """
+
+    def __init__(self, graph: "Any", example_inputs: Any):
+        per_module = count_flops(graph.model, example_inputs, per_module=True)
+        self.total_measured = int(per_module.get("", 0))
+        names = dict(graph.model.named_modules())
+        leaf_flops = {
+            name: int(flops)
+            for name, flops in per_module.items()
+            if name and name in names and not list(names[name].children())
+        }
+        self._base = self.total_measured - sum(leaf_flops.values())
+        self._sizes = {g.name: g.size for g in graph.groups}
+        # For each leaf module: (flops, out-group or None, in-group or None)
+        out_group: dict[str, str] = {}
+        in_group: dict[str, str] = {}
+        for group in graph.groups:
+            for member in group.members:
+                if member.kind == "out" or member.is_depthwise:
+                    out_group[member.module_name] = group.name
+                if member.kind == "in" and not member.is_depthwise:
+                    in_group[member.module_name] = group.name
+        self._terms = [(f, out_group.get(n), in_group.get(n)) for n, f in leaf_flops.items()]
+
+    def predict(self, widths: dict[str, int]) -> float:
+        """FLOPs if each group ``name`` had ``widths[name]`` channels (missing groups keep their width)."""
+        total = float(self._base)
+        for flops, out_name, in_name in self._terms:
+            factor = 1.0
+            if out_name is not None:
+                factor *= widths.get(out_name, self._sizes[out_name]) / self._sizes[out_name]
+            if in_name is not None:
+                factor *= widths.get(in_name, self._sizes[in_name]) / self._sizes[in_name]
+            total += flops * factor
+        return total
+
+    def delta_per_channel(self, name: str) -> float:
+        """Whole-network FLOPs removed by removing one channel of group ``name`` (paper 2's ΔF_l)."""
+        size = self._sizes[name]
+        return self.predict({}) - self.predict({name: size - 1})

@@ -685,6 +685,38 @@ class DependencyGraph:
             self._tp = None
             self._groups = []
 
+    @contextlib.contextmanager
+    def masked(self, removals: Mapping[str | ChannelGroup, Iterable[int]]) -> Any:
+        """Temporarily disconnect channels instead of removing them: zero every consumer weight that reads them.
+
+        In eval mode this gives exactly the output of the physically pruned model (the equivalence the test
+        suite proves on the architecture zoo), without surgery, so trial prunes (sensitivity analysis, the
+        blending search) are cheap. Weights are restored on exit."""
+        by_name = {g.name: g for g in self.groups}
+        saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
+        try:
+            with torch.no_grad():
+                for key, indices in removals.items():
+                    group = by_name[key.name if isinstance(key, ChannelGroup) else key]
+                    chosen = torch.zeros(group.size, dtype=torch.bool)
+                    chosen[torch.as_tensor(list(indices), dtype=torch.long)] = True
+                    for member in group.consumers:
+                        index = member.weight_index()
+                        if index is None:
+                            continue
+                        selected = chosen[member.channels]
+                        if not selected.any():
+                            continue
+                        weight = member.module.weight
+                        sub = tuple(ix[selected].to(weight.device) for ix in index)
+                        saved.append((weight, sub, weight[sub].clone()))
+                        weight[sub] = 0.0
+            yield self
+        finally:
+            with torch.no_grad():
+                for weight, sub, values in reversed(saved):
+                    weight[sub] = values
+
     # -- reporting ---------------------------------------------------------------------------------------------
     def widths(self) -> dict[str, int]:
         return {g.name: g.size for g in self.groups}
