@@ -24,6 +24,10 @@ class PruningError(LightningPruneError, RuntimeError):
     """A pruning step failed. The model has been restored to its state before the step."""
 
 
+class InconsistentRanksError(PruningError):
+    """Distributed processes decided different pruning; nothing was pruned."""
+
+
 class PlanMismatchError(PruningError):
     """A pruning plan does not fit the model it is applied to."""
 

@@ -1,0 +1,109 @@
+"""Keeping pruning identical across distributed processes (DDP).
+
+Every rank scores on the statistics of the whole scoring set (criterion state is all-reduced), decides the same
+removals deterministically, checks that all ranks agree *before* any surgery, and re-wraps the model in a fresh
+``DistributedDataParallel`` afterwards (the old reducer holds the old parameters).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+import torch.distributed as dist
+
+from ..errors import InconsistentRanksError
+from ..structure import PruningPlan
+
+
+def is_distributed(trainer: pl.Trainer) -> bool:
+    return dist.is_available() and dist.is_initialized() and trainer.world_size > 1
+
+
+def state_reducer(trainer: pl.Trainer) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None:
+    """Sum criterion state tensors over all ranks (``None`` when not distributed)."""
+    if not is_distributed(trainer):
+        return None
+
+    def reduce(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        layout = [(key, tuple(state[key].shape), str(state[key].dtype)) for key in sorted(state)]
+        layouts: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(layouts, layout)
+        if any(other != layout for other in layouts):
+            raise InconsistentRanksError(
+                "Criterion statistics differ in layout across ranks (e.g. a class seen on one rank only with "
+                "num_classes unset); set the criterion's num_classes so every rank keeps the same state."
+            )
+        reduced = {}
+        for key in sorted(state):
+            tensor = state[key].clone()
+            device = trainer.strategy.root_device
+            on_device = tensor.to(device) if dist.get_backend() == "nccl" else tensor
+            dist.all_reduce(on_device, op=dist.ReduceOp.SUM)
+            reduced[key] = on_device.to(tensor.device)
+        return reduced
+
+    return reduce
+
+
+def _digest(removals: dict[str, list[int]]) -> str:
+    canonical = json.dumps({k: sorted(int(i) for i in v) for k, v in sorted(removals.items())}, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def removal_verifier(trainer: pl.Trainer) -> Callable[[dict[str, list[int]]], None] | None:
+    """Before each surgery: compare a digest of the removals across ranks; a mismatch aborts before anything
+    is pruned, on every rank."""
+    if not is_distributed(trainer):
+        return None
+
+    def verify(removals: dict[str, list[int]]) -> None:
+        digests: list[Any] = [None] * trainer.world_size
+        dist.all_gather_object(digests, _digest(removals))
+        if len(set(digests)) > 1:
+            raise InconsistentRanksError(
+                f"Ranks chose different channels to remove (digests {[d[:8] for d in digests]}); nothing was pruned. "
+                "A criterion must be deterministic across processes: seed random criteria explicitly and make "
+                "data-driven criteria use all-reduced statistics."
+            )
+
+    return verify
+
+
+def verify_same_plan(trainer: pl.Trainer, plan: PruningPlan) -> None:
+    if not is_distributed(trainer):
+        return
+    checksums: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(checksums, plan.checksum())
+    if len(set(checksums)) > 1:
+        raise InconsistentRanksError(f"Pruning plans differ across ranks: {[c[:8] for c in checksums]}.")
+
+
+def rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Wrap the pruned module in a new DistributedDataParallel: the old one's reducer and buckets refer to the
+    parameters that surgery replaced."""
+    strategy = trainer.strategy
+    wrapped = getattr(strategy, "model", None)
+    if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+        return
+    strategy.model = strategy._setup_model(pl_module)
+    register = getattr(strategy, "_register_ddp_hooks", None)
+    if register is not None:
+        register()
+
+
+def validation_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_fn: Callable | None) -> Callable[[], float]:
+    """Top-1 accuracy on the held-out validation data (never the test set). Every rank evaluates the same,
+    unsharded batches, so sensitivity decisions agree across ranks."""
+    from ..pruning import _accuracy_evaluator
+
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None and hasattr(datamodule, "val_dataloader"):
+        loader = datamodule.val_dataloader()
+    else:
+        loader = trainer.val_dataloaders
+    if loader is None:
+        raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
+    return _accuracy_evaluator(pl_module, loader, batch_fn)

@@ -1,0 +1,353 @@
+"""``PruneCallback``: scheduled physical pruning inside a Lightning ``Trainer``."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Sequence
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from .. import criteria as criteria_module
+from ..errors import InconsistentRanksError, PruningError, check_choice, check_fraction, check_positive_int
+from ..pruning import PruneReport, prune_event, resolve_allocation
+from ..structure import DependencyGraph, PruningPlan, apply_plan, count_flops, count_params, transplant_optimizer
+from . import distributed
+from .logging import log_prune_event, log_widths_figure
+from .schedule import SCHEDULES, build_schedule
+
+CHECKPOINT_KEY = "lightning_prune"
+
+
+class PruneCallback(Callback):
+    """Physically removes channels at scheduled epochs while a LightningModule trains.
+
+    Pruning happens in ``on_train_epoch_start`` of each scheduled epoch, before its first batch, so the rest of
+    that epoch fine-tunes the smaller network. Each event scores every channel group with ``criterion``, decides
+    how many channels each group loses (``allocation``), removes them from the module in place, slices the state
+    of every optimizer of the trainer to match (momentum and Adam moments are kept, LR schedulers continue), and
+    logs FLOPs, parameters and widths.
+
+    Args:
+        amount: fraction of the prunable channels removed by the end of the schedule, in [0, 1).
+        flops_reduction: fraction of fvcore FLOPs removed by the end of the schedule, in (0, 1) (e.g. 0.443, as
+            papers report it). Give exactly one of ``amount`` and ``flops_reduction``.
+        criterion: a criterion name (see :func:`lightning_prune.criteria.available`) or object.
+        allocation: ``"uniform"`` (layerwise), ``"global"`` or ``"sensitivity"``; ``scope`` is an older name.
+        schedule: ``"one_shot"``, ``"iterative"`` (equal steps) or ``"agp"`` (cubic, Zhu & Gupta).
+        epochs: explicit epochs of the events (overrides ``start_epoch``/``end_epoch``/``steps``).
+        start_epoch, end_epoch, steps: the events of a named schedule: ``steps`` epochs spread over
+            ``[start_epoch, end_epoch]``.
+        ignore: module names (relative to the LightningModule, e.g. ``"model.fc"``) never pruned.
+        round_to: keep widths multiples of this where possible.
+        max_group_sparsity: no group loses more than this fraction of its original width.
+        scoring_batches: training batches data-driven criteria see per event (>= 1). No optimizer step happens
+            while scoring; train/eval modes, gradients and the RNG are restored afterwards.
+        scoring_dataloader: batches for scoring; default: the datamodule's ``scoring_dataloader()`` when it has
+            one, else the trainer's train dataloader.
+        batch_fn: ``batch_fn(batch) -> (inputs, labels)``; default interprets ``(x, y)`` tuples and dicts.
+        example_input: input to trace with; default ``LightningModule.example_input_array``, else the first
+            training batch.
+        sensitivity: keyword arguments of :class:`~lightning_prune.allocation.SensitivityAllocator`; the
+            held-out batches come from the trainer's validation dataloader.
+        log_widths: also log every group's width as a scalar (``prune/width/<group>``).
+        graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph`.
+        verbose: print a summary per event (rank zero).
+    """
+
+    def __init__(
+        self,
+        amount: float | None = None,
+        flops_reduction: float | None = None,
+        criterion: str | criteria_module.Criterion = "l2",
+        allocation: str | None = None,
+        schedule: str = "one_shot",
+        epochs: Sequence[int] | None = None,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        steps: int = 3,
+        ignore: Iterable[str] = (),
+        round_to: int | None = None,
+        max_group_sparsity: float = 0.9,
+        scoring_batches: int = 8,
+        scoring_dataloader: Any = None,
+        batch_fn: Callable | None = None,
+        example_input: Any = None,
+        sensitivity: dict[str, Any] | None = None,
+        criterion_kwargs: dict[str, Any] | None = None,
+        log_widths: bool = True,
+        graph_kwargs: dict[str, Any] | None = None,
+        verbose: bool = True,
+        scope: str | None = None,
+    ):
+        super().__init__()
+        if (amount is None) == (flops_reduction is None):
+            raise ValueError("PruneCallback needs exactly one of amount (fraction of channels) or flops_reduction "
+                             "(fraction of FLOPs).")
+        if amount is not None:
+            self.target, self.target_kind = check_fraction("amount", amount), "channels"
+        else:
+            self.target = check_fraction("flops_reduction", flops_reduction, allow_zero=False)
+            self.target_kind = "flops"
+        check_choice("schedule", schedule, SCHEDULES)
+        check_positive_int("steps", steps)
+        self.allocation = resolve_allocation(allocation, scope)
+        self.criterion = criteria_module.get(criterion, **(criterion_kwargs or {}))
+        self.schedule = build_schedule(self.target, schedule=schedule, epochs=epochs, start_epoch=start_epoch,
+                                       end_epoch=end_epoch, steps=steps)
+        self.ignore = [ignore] if isinstance(ignore, str) else list(ignore)
+        if round_to is not None:
+            check_positive_int("round_to", round_to)
+        self.round_to = round_to
+        self.max_group_sparsity = check_fraction("max_group_sparsity", max_group_sparsity, allow_zero=False)
+        self.scoring_batches = check_positive_int("scoring_batches", scoring_batches)
+        self.scoring_dataloader = scoring_dataloader
+        self.batch_fn = batch_fn
+        self.example_input = example_input
+        self.sensitivity = dict(sensitivity or {})
+        self.log_widths = log_widths
+        self.graph_kwargs = dict(graph_kwargs or {})
+        self.verbose = verbose
+        # State saved in checkpoints (plain data only: loads with torch.load(weights_only=True)).
+        self.plan = PruningPlan()
+        self.done_epochs: list[int] = []
+        self.original_flops: int | None = None
+        self.original_params: int | None = None
+        self.example_shape: list[list[int]] | None = None
+        self.reports: list[dict[str, Any]] = []
+
+    # -- validation and set-up ---------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(target=self.target, kind=self.target_kind)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        max_epochs = trainer.max_epochs
+        if stage == "fit" and max_epochs is not None and max_epochs >= 0:
+            late = [e for e, _ in self.schedule if e >= max_epochs]
+            if late:
+                raise ValueError(
+                    f"epochs: scheduled pruning epochs {late} are not < max_epochs={max_epochs}; accepted values "
+                    f"are epochs in [0, {max_epochs - 1}]."
+                )
+        modules = dict(pl_module.named_modules())
+        for name in self.ignore:
+            if name not in modules:
+                import difflib
+
+                close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+                raise ValueError(f"ignore: {name!r} is not a module of {type(pl_module).__name__}; accepted values "
+                                 f"are names from LightningModule.named_modules().{hint}")
+        if self.allocation == "sensitivity" and stage == "fit" and not self._has_val_data(trainer):
+            raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
+        # On resume, Lightning loads the weights before callbacks see their state: rebuild the pruned structure
+        # from the checkpoint's plan just before the weights are loaded.
+        self._resume_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading(trainer))
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        hook = getattr(self, "_resume_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._resume_hook = None
+
+    @staticmethod
+    def _has_val_data(trainer: pl.Trainer) -> bool:
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "val_dataloader"):
+            return True
+        return getattr(trainer.fit_loop, "_data_source", None) is not None and trainer.limit_val_batches != 0
+
+    def _rebuild_before_loading(self, trainer: pl.Trainer) -> Callable:
+        def hook(module, state_dict, prefix, *args) -> None:
+            if prefix:
+                return
+            checkpoint = getattr(trainer._checkpoint_connector, "_loaded_checkpoint", None) or {}
+            saved = checkpoint.get(CHECKPOINT_KEY) or {}
+            plan = PruningPlan.from_dict(saved.get("plan"))
+            own = module.state_dict()
+            shapes_match = all(
+                key in own and own[key].shape == value.shape
+                for key, value in state_dict.items()
+                if isinstance(value, torch.Tensor)
+            )
+            if plan.is_empty() or shapes_match:
+                return
+            example = _zeros_like_shapes(saved.get("example_shape"), module)
+            apply_plan(module, plan, example, **self.graph_kwargs)
+            self.plan = plan
+
+        return hook
+
+    # -- checkpoint state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "plan": self.plan.to_dict(),
+            "done_epochs": list(self.done_epochs),
+            "original_flops": self.original_flops,
+            "original_params": self.original_params,
+            "example_shape": self.example_shape,
+            "reports": list(self.reports),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.plan = PruningPlan.from_dict(state_dict.get("plan"))
+        self.done_epochs = [int(e) for e in state_dict.get("done_epochs", [])]
+        self.original_flops = state_dict.get("original_flops")
+        self.original_params = state_dict.get("original_params")
+        self.example_shape = state_dict.get("example_shape")
+        self.reports = list(state_dict.get("reports", []))
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # A copy outside the callback section, so load_pruned() works without knowing the callback's state key.
+        checkpoint[CHECKPOINT_KEY] = {"plan": self.plan.to_dict(), "example_shape": self.example_shape}
+
+    # -- the schedule ------------------------------------------------------------------------------------------
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        due = [(e, t) for e, t in self.schedule if e == epoch and e not in self.done_epochs]
+        if due:
+            self._prune(trainer, pl_module, due[0][1], epoch)
+        self._log_state(trainer, pl_module)
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
+        example = self._example_input(trainer, pl_module)
+        graph = DependencyGraph(pl_module, example, ignore=self.ignore, plan=self.plan, **self.graph_kwargs)
+        if self.original_flops is None:
+            self.original_flops = count_flops(pl_module, example)
+            self.original_params = count_params(pl_module)
+        self.criterion.reset()
+
+        def after_surgery(result) -> None:
+            for optimizer in trainer.optimizers:
+                transplant_optimizer(optimizer, result.replacements)
+
+        evaluate = None
+        if self.allocation == "sensitivity":
+            evaluate = distributed.validation_accuracy(trainer, pl_module, self.batch_fn)
+        try:
+            report = prune_event(
+                graph, self.criterion, target, target_kind=self.target_kind, allocation=self.allocation,
+                round_to=self.round_to, max_group_sparsity=self.max_group_sparsity,
+                dataloader=self._scoring_data(trainer) if self.criterion.requires_data else None,
+                scoring_batches=self.scoring_batches, batch_fn=self.batch_fn,
+                reduce_state=distributed.state_reducer(trainer), original_flops=self.original_flops,
+                evaluate=evaluate, sensitivity=self.sensitivity, on_surgery=after_surgery,
+                before_surgery=distributed.removal_verifier(trainer), epoch=epoch,
+            )
+        except InconsistentRanksError:
+            raise
+        except PruningError as error:
+            rank_zero_warn(f"Pruning at epoch {epoch} failed and was skipped; training continues on the unpruned "
+                           f"model. {error}")
+            return
+        distributed.rewrap(trainer, pl_module)
+        distributed.verify_same_plan(trainer, graph.plan)
+        self.plan = graph.plan
+        self.done_epochs.append(epoch)
+        summary = report.to_dict()
+        summary.pop("plan", None)
+        summary["epoch"] = epoch
+        self.reports.append(summary)
+        log_prune_event(trainer, report, epoch)
+        if self.verbose:
+            rank_zero_info(f"[lightning-prune] epoch {epoch}: pruning with {self._criterion_name()} "
+                           f"({self.allocation}), target {self.target_kind} {target:.1%}\n{report.summary()}")
+        log_widths_figure(trainer, report.original_widths, report.widths_after, epoch)
+
+    def _criterion_name(self) -> str:
+        return getattr(self.criterion, "name", type(self.criterion).__name__)
+
+    def _log_state(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.reports and self.original_flops is None:
+            return
+        last = self.reports[-1] if self.reports else None
+        if last is None:
+            return
+        metrics = {
+            "prune/flops": float(last["flops_after"]),
+            "prune/params": float(last["params_after"]),
+            "prune/flops_reduction": float(last["flops_reduction"]),
+            "prune/channel_sparsity": float(last["channel_sparsity"]),
+        }
+        if self.log_widths:
+            metrics.update({f"prune/width/{name}": float(w) for name, w in last["widths_after"].items()})
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
+
+    # -- inputs ------------------------------------------------------------------------------------------------
+    def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        example = self.example_input if self.example_input is not None else pl_module.example_input_array
+        if example is None:
+            from ..criteria.scoring import default_batch_fn
+
+            loader = self._train_loader(trainer)
+            if loader is None:
+                raise ValueError("PruneCallback needs an example input: set LightningModule.example_input_array, "
+                                 "pass example_input=, or provide a train dataloader.")
+            inputs, _ = (self.batch_fn or default_batch_fn)(next(iter(loader)))
+            example = inputs[:2]
+        example = _to_device(example, pl_module.device)
+        self.example_shape = _shapes(example)
+        return example
+
+    def _train_loader(self, trainer: pl.Trainer) -> Any:
+        loader = trainer.train_dataloader
+        if loader is None:
+            datamodule = getattr(trainer, "datamodule", None)
+            if datamodule is not None:
+                loader = datamodule.train_dataloader()
+        return loader
+
+    def _scoring_data(self, trainer: pl.Trainer) -> Any:
+        if self.scoring_dataloader is not None:
+            return self.scoring_dataloader() if callable(self.scoring_dataloader) else self.scoring_dataloader
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "scoring_dataloader"):
+            return datamodule.scoring_dataloader()
+        return self._train_loader(trainer)
+
+
+def _shapes(example: Any) -> list[list[int]] | None:
+    if isinstance(example, torch.Tensor):
+        return [list(example.shape)]
+    if isinstance(example, (list, tuple)) and all(isinstance(x, torch.Tensor) for x in example):
+        return [list(x.shape) for x in example]
+    return None
+
+
+def _zeros_like_shapes(shapes: list[list[int]] | None, module: torch.nn.Module) -> Any:
+    if shapes is None:
+        example = getattr(module, "example_input_array", None)
+        if example is None:
+            raise PruningError("The checkpoint holds a pruned model but no example input shape; set "
+                               "LightningModule.example_input_array.")
+        return example
+    device = next(module.parameters()).device
+    tensors = [torch.zeros(*shape, device=device) for shape in shapes]
+    return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def _to_device(example: Any, device: torch.device) -> Any:
+    from ..structure.tracing import move_to_device
+
+    return move_to_device(example, device)
+
+
+def load_pruned(module_class: type[pl.LightningModule], checkpoint_path: str, *, map_location: Any = "cpu",
+                strict: bool = True, **kwargs: Any) -> pl.LightningModule:
+    """Load a checkpoint written during pruned training into its pruned architecture, for inference.
+
+    Constructs ``module_class`` from the checkpoint's hyper-parameters (``kwargs`` override them), rebuilds the
+    pruned structure from the plan stored in the checkpoint, loads the weights and returns the module in eval
+    mode. The checkpoint is read with ``torch.load(weights_only=True)``."""
+    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.update(kwargs)
+    module = module_class(**hparams)
+    saved = checkpoint.get(CHECKPOINT_KEY) or {}
+    plan = PruningPlan.from_dict(saved.get("plan"))
+    if not plan.is_empty():
+        apply_plan(module, plan, _zeros_like_shapes(saved.get("example_shape"), module))
+    module.load_state_dict(checkpoint["state_dict"], strict=strict)
+    return module.eval()

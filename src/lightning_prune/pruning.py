@@ -1,0 +1,381 @@
+"""One pruning event, and the one-shot functional API built on it.
+
+``prune_event`` scores every group, decides how many channels each loses (allocation) so that a channel or FLOPs
+target is reached, and removes them in one atomic surgery. The :class:`~lightning_prune.callbacks.PruneCallback`
+calls it at scheduled epochs; :func:`prune` calls it once on a plain model.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from . import criteria as criteria_module
+from .allocation import ALLOCATIONS, allocate
+from .errors import check_choice, check_fraction, check_positive_int
+from .structure import (
+    DependencyGraph,
+    FlopsModel,
+    PruningPlan,
+    SurgeryResult,
+    count_flops,
+    count_params,
+)
+
+SCOPE_ALIASES = {"layerwise": "uniform", "local": "uniform", "uniform": "uniform", "global": "global",
+                 "sensitivity": "sensitivity"}
+
+
+def resolve_allocation(allocation: str | None, scope: str | None = None) -> str:
+    """``allocation`` is the one knob; ``scope`` ("layerwise"/"global") is accepted as its older name."""
+    if allocation is not None and scope is not None and SCOPE_ALIASES.get(scope) != allocation:
+        raise ValueError(f"allocation={allocation!r} and scope={scope!r} disagree; pass only allocation.")
+    value = allocation if allocation is not None else (scope if scope is not None else "uniform")
+    check_choice("allocation", value, list(ALLOCATIONS) + ["layerwise"])
+    return SCOPE_ALIASES[value]
+
+
+@dataclass
+class PruneReport:
+    """What a pruning event did. Plain data (``asdict`` gives a JSON-serializable dict)."""
+
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    widths_before: dict[str, int]
+    widths_after: dict[str, int]
+    original_widths: dict[str, int]
+    removed: dict[str, int]
+    seconds: float
+    target: float
+    target_kind: str
+    target_met: bool
+    plan: dict[str, Any] = field(repr=False, default_factory=dict)
+    original_flops: int | None = None
+
+    @property
+    def flops_reduction(self) -> float:
+        """FLOPs removed relative to the original model (or to this event's start if unknown)."""
+        base = self.original_flops or self.flops_before
+        return 1.0 - self.flops_after / base if base else 0.0
+
+    @property
+    def channel_sparsity(self) -> float:
+        original = sum(self.original_widths.values())
+        return 1.0 - sum(self.widths_after.values()) / original if original else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["flops_reduction"] = self.flops_reduction
+        data["channel_sparsity"] = self.channel_sparsity
+        return data
+
+    def summary(self) -> str:
+        def human(n: float) -> str:
+            for unit in ("", "K", "M", "G", "T"):
+                if abs(n) < 1000:
+                    return f"{n:.2f}{unit}" if unit else f"{n:.0f}"
+                n /= 1000
+            return f"{n:.2f}P"
+
+        lines = [
+            f"FLOPs   {human(self.flops_before):>9} -> {human(self.flops_after):>9}  "
+            f"({self.flops_reduction:.1%} removed vs original)",
+            f"Params  {human(self.params_before):>9} -> {human(self.params_after):>9}  "
+            f"({1 - self.params_after / max(self.params_before, 1):.1%} removed this event)",
+            f"Channels {self.channel_sparsity:.1%} of prunable channels removed; "
+            f"{sum(self.removed.values())} this event in {self.seconds:.2f} s",
+        ]
+        if not self.target_met:
+            lines.append(f"WARNING: the {self.target_kind} target {self.target:.1%} could not be met")
+        return "\n".join(lines)
+
+
+def choose_removals(
+    graph: DependencyGraph,
+    scores: dict[str, torch.Tensor],
+    target: float,
+    *,
+    target_kind: str,
+    allocation: str,
+    round_to: int | None,
+    max_group_sparsity: float,
+    flops_model: FlopsModel | None = None,
+    original_flops: float | None = None,
+) -> tuple[dict[str, list[int]], bool]:
+    """Indices to remove per group to reach ``target``, and whether it is reached.
+
+    A channel target goes straight to :func:`allocate`. A FLOPs target is turned into the smallest channel target
+    whose predicted FLOPs meet it (bisection over :class:`FlopsModel` predictions, no trial surgery)."""
+    groups = graph.groups
+
+    def removals_for(channel_target: float) -> dict[str, list[int]]:
+        return allocate(groups, scores, channel_target, allocation=allocation, round_to=round_to,
+                        max_group_sparsity=max_group_sparsity)
+
+    if target_kind == "channels":
+        removals = removals_for(target)
+        remaining = sum(g.size - len(removals.get(g.name, [])) for g in groups)
+        original = sum(g.original_size for g in groups)
+        reached = 1 - remaining / original if original else 0.0
+        return removals, reached >= target - 1.0 / max(original, 1) - 1e-9 or reached >= _max_sparsity(groups, max_group_sparsity)
+
+    assert flops_model is not None and original_flops
+    goal = original_flops * (1.0 - target)
+
+    def predicted(removals: dict[str, list[int]]) -> float:
+        return flops_model.predict({g.name: g.size - len(removals.get(g.name, [])) for g in groups})
+
+    if predicted({}) <= goal:
+        return {}, True
+    low, high = graph.channel_sparsity(), 0.999
+    best = removals_for(high)
+    if predicted(best) > goal:
+        return best, False
+    for _ in range(40):
+        mid = (low + high) / 2
+        candidate = removals_for(mid)
+        if predicted(candidate) <= goal:
+            high, best = mid, candidate
+        else:
+            low = mid
+        if high - low < 1e-4:
+            break
+    return best, True
+
+
+def _max_sparsity(groups: Iterable, max_group_sparsity: float) -> float:
+    groups = list(groups)
+    original = sum(g.original_size for g in groups)
+    floor = sum(max(g.min_size, int(g.original_size * (1 - max_group_sparsity) + 0.999999)) for g in groups)
+    return 1 - floor / original if original else 0.0
+
+
+def prune_event(
+    graph: DependencyGraph,
+    criterion: criteria_module.Criterion,
+    target: float,
+    *,
+    target_kind: str = "channels",
+    allocation: str = "uniform",
+    round_to: int | None = None,
+    max_group_sparsity: float = 0.9,
+    dataloader: Iterable | None = None,
+    scoring_batches: int | None = None,
+    batch_fn: Callable | None = None,
+    loss_fn: Callable | None = None,
+    reduce_state: Callable | None = None,
+    original_flops: int | None = None,
+    evaluate: Callable[[], float] | None = None,
+    sensitivity: dict[str, Any] | None = None,
+    on_surgery: Callable[[SurgeryResult], None] | None = None,
+    before_surgery: Callable[[dict[str, list[int]]], None] | None = None,
+    measure: bool = True,
+    **event_info: Any,
+) -> PruneReport:
+    """Score, allocate and remove channels until ``target`` is reached. See :func:`prune` for the arguments.
+
+    ``before_surgery(removals)`` may veto a surgery by raising (DDP checks that every rank agrees);
+    ``on_surgery`` is called after every successful surgery (an optimizer transplant);
+    ``measure=False`` skips the fvcore counts (then the report's FLOPs are predictions)."""
+    from .criteria.scoring import score_groups
+
+    model, example_inputs = graph.model, graph.example_inputs
+    start = time.perf_counter()
+    widths_before = graph.widths()
+    params_before = count_params(model)
+    flops_model = FlopsModel(graph, example_inputs)
+    flops_before = flops_model.total_measured
+    if original_flops is None:
+        original_flops = flops_before
+
+    def score() -> dict[str, torch.Tensor]:
+        return score_groups(model, graph.groups, criterion, dataloader, scoring_batches=scoring_batches,
+                            batch_fn=batch_fn, loss_fn=loss_fn, reduce_state=reduce_state)
+
+    removed: dict[str, int] = {}
+
+    def apply(removals: dict[str, list[int]]) -> None:
+        if not removals:
+            return
+        if before_surgery is not None:
+            before_surgery(removals)
+        result = graph.prune_groups(removals, **event_info)
+        for name, indices in result.removed.items():
+            removed[name] = removed.get(name, 0) + len(indices)
+        if on_surgery is not None:
+            on_surgery(result)
+
+    if allocation == "sensitivity":
+        from .allocation import SensitivityAllocator
+
+        if evaluate is None:
+            raise ValueError("allocation='sensitivity' needs validation data: pass val_dataloader (held out from "
+                             "the training set, never the test set).")
+        allocator = SensitivityAllocator(**(sensitivity or {}))
+        met = False
+        while True:
+            groups = graph.groups
+            original = sum(g.original_size for g in groups)
+            if target_kind == "channels":
+                met = graph.channel_sparsity() >= target - 1e-9
+            else:
+                met = FlopsModel(graph, example_inputs).total_measured <= original_flops * (1 - target)
+            if met:
+                break
+            step = allocator.step(graph, score(), evaluate, FlopsModel(graph, example_inputs))
+            if not step:
+                break
+            if target_kind == "channels":  # do not overshoot a channel target
+                budget = int(round((target - graph.channel_sparsity()) * original))
+                step = _trim(graph, step, max(budget, 1))
+            apply(step)
+    else:
+        removals, met = choose_removals(
+            graph, score(), target, target_kind=target_kind, allocation=allocation, round_to=round_to,
+            max_group_sparsity=max_group_sparsity, flops_model=flops_model, original_flops=original_flops,
+        )
+        apply(removals)
+
+    flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
+    if target_kind == "flops":
+        met = flops_after <= original_flops * (1 - target) * 1.001
+    if not met:
+        warnings.warn(
+            f"The {target_kind} target {target:.1%} could not be met: every prunable group is at its minimum width "
+            f"(max_group_sparsity={max_group_sparsity}, round_to={round_to}).",
+            stacklevel=2,
+        )
+    return PruneReport(
+        flops_before=flops_before, flops_after=flops_after, params_before=params_before,
+        params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
+        original_widths=graph.original_widths(), removed=removed, seconds=time.perf_counter() - start,
+        target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
+        original_flops=original_flops,
+    )
+
+
+def _trim(graph: DependencyGraph, step: dict[str, list[int]], budget: int) -> dict[str, list[int]]:
+    trimmed = {}
+    for name, indices in step.items():
+        group = graph.group(name)
+        keep = min(len(indices), budget - budget % group.divisions)
+        if keep <= 0:
+            continue
+        trimmed[name] = sorted(indices)[:keep] if group.divisions == 1 else indices[: keep]
+        budget -= keep
+    return trimmed or step
+
+
+def prune(
+    model: nn.Module,
+    example_inputs: Any,
+    criterion: str | criteria_module.Criterion = "l2",
+    amount: float | None = 0.5,
+    *,
+    flops_reduction: float | None = None,
+    allocation: str | None = None,
+    scope: str | None = None,
+    ignore: Iterable[str | nn.Module] = (),
+    round_to: int | None = None,
+    max_group_sparsity: float = 0.9,
+    dataloader: Iterable | None = None,
+    scoring_batches: int | None = None,
+    batch_fn: Callable | None = None,
+    val_dataloader: Iterable | None = None,
+    sensitivity: dict[str, Any] | None = None,
+    plan: PruningPlan | dict | None = None,
+    **graph_kwargs: Any,
+) -> PruneReport:
+    """Prune ``model`` in place, once, and report what changed.
+
+    Args:
+        model: any ``nn.Module``; pruned in place (physically: parameter shapes shrink).
+        example_inputs: a batch to trace with (tensor, tuple of positional inputs, or dict of keyword inputs).
+        criterion: a name from :func:`lightning_prune.criteria.available` (``"l1"``, ``"l2"``, ``"fpgm"``,
+            ``"taylor"``, ``"sd"``, ``"l1+variety"``...) or a :class:`~lightning_prune.criteria.Criterion`.
+        amount: fraction of the prunable channels (summed over groups, counted on the original widths) to have
+            removed, in [0, 1). Give either ``amount`` or ``flops_reduction``.
+        flops_reduction: fraction of fvcore FLOPs to remove instead, in (0, 1), e.g. 0.443.
+        allocation: how many channels each group loses: ``"uniform"`` (the same fraction everywhere; alias
+            ``"layerwise"``), ``"global"`` (one score threshold across groups) or ``"sensitivity"`` (paper 2's
+            FLOP-normalized sensitivity analysis; needs ``val_dataloader``). ``scope`` is an accepted older name.
+        ignore: module names (or modules) whose output channels are never pruned.
+        round_to: keep widths multiples of this (e.g. 8) where possible.
+        max_group_sparsity: no group loses more than this fraction of its original width.
+        dataloader: batches for data-driven criteria (``(x, y)`` tuples by default; see ``batch_fn``).
+        scoring_batches: how many batches of ``dataloader`` data-driven criteria see (default: all).
+        batch_fn: ``batch_fn(batch) -> (inputs, labels)`` when batches are not ``(x, y)``.
+        val_dataloader: held-out batches for ``allocation="sensitivity"`` (never the test set).
+        sensitivity: keyword arguments of :class:`~lightning_prune.allocation.SensitivityAllocator`.
+        plan: the plan of an already pruned model, so the new removal composes with it.
+        **graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph` (``trace_mode``,
+            ``build_timeout``, ``customized_pruners``...).
+
+    Returns:
+        A :class:`PruneReport`: FLOPs/params before and after, per-group widths, and the plan (plain data) to
+        rebuild the architecture with :func:`~lightning_prune.apply_plan`.
+
+    Every argument is checked before the model is touched; on any error the model is left exactly as it was.
+    """
+    if (amount is None) == (flops_reduction is None):
+        if amount is not None:
+            amount = None  # flops_reduction given explicitly wins over the default amount
+        else:
+            raise ValueError("Give exactly one of amount (fraction of channels) or flops_reduction (fraction of FLOPs).")
+    if amount is not None:
+        target, target_kind = check_fraction("amount", amount), "channels"
+    else:
+        target, target_kind = check_fraction("flops_reduction", flops_reduction, allow_zero=False), "flops"
+    allocation = resolve_allocation(allocation, scope)
+    check_fraction("max_group_sparsity", max_group_sparsity, allow_zero=False)
+    if round_to is not None:
+        check_positive_int("round_to", round_to)
+    if scoring_batches is not None:
+        check_positive_int("scoring_batches", scoring_batches)
+    criterion = criteria_module.get(criterion)
+    if criterion.requires_data and dataloader is None:
+        raise ValueError(
+            f"criterion={getattr(criterion, 'name', criterion)!r} is data-driven: pass dataloader= (and optionally "
+            "scoring_batches=)."
+        )
+    graph = DependencyGraph(model, example_inputs, ignore=ignore, plan=plan, **graph_kwargs)
+    evaluate = _accuracy_evaluator(model, val_dataloader, batch_fn) if val_dataloader is not None else None
+    return prune_event(
+        graph, criterion, target, target_kind=target_kind, allocation=allocation, round_to=round_to,
+        max_group_sparsity=max_group_sparsity, dataloader=dataloader, scoring_batches=scoring_batches,
+        batch_fn=batch_fn, evaluate=evaluate, sensitivity=sensitivity, source="prune",
+    )
+
+
+def _accuracy_evaluator(model: nn.Module, dataloader: Iterable, batch_fn: Callable | None) -> Callable[[], float]:
+    """Top-1 accuracy of ``model`` (eval mode, restored afterwards) on every batch of ``dataloader``."""
+    from .criteria.scoring import default_batch_fn
+
+    split = batch_fn or default_batch_fn
+
+    def evaluate() -> float:
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        correct = total = 0
+        device = next(model.parameters()).device
+        try:
+            with torch.no_grad():
+                for batch in dataloader:
+                    inputs, labels = split(batch)
+                    outputs = model(inputs.to(device))
+                    if not isinstance(outputs, torch.Tensor):
+                        outputs = outputs[0]
+                    correct += (outputs.argmax(1).cpu() == labels.cpu()).sum().item()
+                    total += labels.numel()
+        finally:
+            for module, training in modes:
+                module.training = training
+        return correct / total if total else 0.0
+
+    return evaluate

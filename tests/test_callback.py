@@ -1,0 +1,213 @@
+"""PruneCallback inside real Lightning fits on the scikit-learn digits (no download)."""
+from __future__ import annotations
+
+import copy
+import glob
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_prune import PruningPlan, load_pruned
+from lightning_prune.callbacks import PruneCallback
+from lightning_prune.classification import ClassificationModule
+from lightning_prune.datamodules import DigitsDataModule
+
+IMAGE = 12
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny convolutions are much slower with two contending threads on a 2-core CI machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_module(**kwargs) -> ClassificationModule:
+    options = dict(model="digits_cnn", num_classes=10, in_channels=1, lr=0.05, scheduler="cosine",
+                   example_input_shape=(1, IMAGE, IMAGE))
+    options.update(kwargs)
+    return ClassificationModule(**options)
+
+
+def make_trainer(tmp_path, callbacks, max_epochs=4, logger=False, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", max_epochs=max_epochs, callbacks=callbacks, logger=logger,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(tmp_path), deterministic=True, **kwargs,
+    )
+
+
+def datamodule() -> DigitsDataModule:
+    return DigitsDataModule(image_size=IMAGE, batch_size=64, seed=0)
+
+
+class Recorder(pl.Callback):
+    """Records parameter counts and the learning rate at every epoch end."""
+
+    def __init__(self):
+        self.params, self.lrs = [], []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.params.append(sum(p.numel() for p in pl_module.parameters()))
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_fit_prunes_at_scheduled_epochs_and_logs(tmp_path):
+    pl.seed_everything(0)
+    recorder = Recorder()
+    prune = PruneCallback(amount=0.5, epochs=[1, 2], criterion="l2")
+    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = make_trainer(tmp_path, [prune, recorder], max_epochs=4, logger=logger)
+    module = make_module()
+    dm = datamodule()
+    trainer.fit(module, dm)
+
+    # Shapes shrink exactly at epochs 1 and 2 and nowhere else.
+    p = recorder.params
+    assert p[0] > p[1] > p[2] == p[3]
+    assert prune.done_epochs == [1, 2]
+    flops = [r["flops_after"] for r in prune.reports]
+    assert flops[0] > flops[1]
+    assert prune.reports[1]["channel_sparsity"] == pytest.approx(0.5, abs=0.05)
+
+    accuracy = trainer.validate(module, dm, verbose=False)[0]["val/acc"]
+    assert accuracy > 0.6  # chance is 0.1
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    for tag in ("prune/flops", "prune/params", "prune/flops_reduction", "prune/channel_sparsity"):
+        assert tag in tags, tags
+    assert len(events.Scalars("prune/flops")) >= 3  # one point per epoch since the first event
+    assert any(tag.startswith("prune/width/") for tag in tags)
+    assert "prune/widths" in events.Tags()["images"]
+
+
+def test_optimizer_momentum_survives_and_lr_schedule_is_unchanged(tmp_path):
+    class MomentumSpy(pl.Callback):
+        def __init__(self, when):
+            self.when, self.snapshots = when, []
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                conv = pl_module.model.features[0].weight
+                state = trainer.optimizers[0].state[conv]
+                self.snapshots.append((conv.detach().clone(), state["momentum_buffer"].clone()))
+
+    before, after = MomentumSpy("before"), MomentumSpy("after")
+    prune = PruneCallback(amount=0.5, epochs=[1], criterion="l1")
+    recorder = Recorder()
+    pl.seed_everything(0)
+    make_trainer(tmp_path, [before, prune, after, recorder], max_epochs=3).fit(make_module(), datamodule())
+
+    kept = torch.tensor(prune.plan.groups["model.features.0"].kept)
+    (old_weight, old_momentum), (new_weight, new_momentum) = before.snapshots[0], after.snapshots[0]
+    assert new_momentum.shape[0] == len(kept) < old_momentum.shape[0]
+    torch.testing.assert_close(new_momentum, old_momentum[kept])
+    torch.testing.assert_close(new_weight, old_weight[kept])
+    assert new_momentum.abs().sum() > 0  # not reset
+
+    unpruned = Recorder()
+    pl.seed_everything(0)
+    make_trainer(tmp_path, [unpruned], max_epochs=3).fit(make_module(), datamodule())
+    assert recorder.lrs == pytest.approx(unpruned.lrs)
+
+
+def ordered_loaders(dm: DigitsDataModule):
+    dm.setup("fit")
+    return (DataLoader(dm.train_dataset, batch_size=64, shuffle=False),
+            DataLoader(dm.val_dataset, batch_size=128, shuffle=False))
+
+
+def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path):
+    dm = datamodule()
+    train, val = ordered_loaders(dm)
+
+    def callback():
+        return PruneCallback(amount=0.5, epochs=[1, 2], criterion="l2", verbose=False)
+
+    pl.seed_everything(0)
+    reference = make_module()
+    reference_callback = callback()
+    make_trainer(tmp_path / "a", [reference_callback], max_epochs=4).fit(reference, train, val)
+
+    class StopAfterEpoch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:  # the first event happened at the start of epoch 1
+                trainer.should_stop = True
+
+    pl.seed_everything(0)
+    first = make_module()
+    trainer = make_trainer(tmp_path / "b", [callback(), StopAfterEpoch()], max_epochs=4)
+    trainer.fit(first, train, val)
+    assert trainer.current_epoch == 2
+    checkpoint = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(checkpoint)
+
+    resumed = make_module()  # freshly constructed, unpruned
+    resumed_callback = callback()
+    make_trainer(tmp_path / "c", [resumed_callback], max_epochs=4).fit(resumed, train, val, ckpt_path=str(checkpoint))
+
+    assert resumed_callback.done_epochs == [1, 2]
+    assert resumed_callback.plan.checksum() == reference_callback.plan.checksum()
+    reference_state, resumed_state = reference.state_dict(), resumed.state_dict()
+    assert reference_state.keys() == resumed_state.keys()
+    for key in reference_state:
+        torch.testing.assert_close(resumed_state[key], reference_state[key], msg=key)
+
+
+def test_load_pruned_and_weights_only_checkpoint(tmp_path):
+    pl.seed_everything(0)
+    module = make_module()
+    trainer = make_trainer(tmp_path, [PruneCallback(amount=0.4, epochs=[0], criterion="l2")], max_epochs=1)
+    trainer.fit(module, datamodule())
+    path = tmp_path / "pruned.ckpt"
+    trainer.save_checkpoint(path)
+
+    raw = torch.load(path, weights_only=True)  # no pickled objects of ours
+    assert PruningPlan.from_dict(raw["lightning_prune"]["plan"]).removed_channels() > 0
+
+    loaded = load_pruned(ClassificationModule, str(path))
+    x = torch.randn(4, 1, IMAGE, IMAGE)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), module.eval()(x))
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(amount=0.5, epochs=[7]), "max_epochs"),
+        (dict(amount=0.5, flops_reduction=0.5), "exactly one"),
+        (dict(), "exactly one"),
+        (dict(amount=1.0), "amount"),
+        (dict(amount=0.5, criterion="l3"), "criterion"),
+        (dict(amount=0.5, allocation="everywhere"), "allocation"),
+        (dict(amount=0.5, schedule="weekly"), "schedule"),
+        (dict(amount=0.5, ignore=["model.nothing"]), "ignore"),
+        (dict(amount=0.5, scoring_batches=0), "scoring_batches"),
+    ],
+)
+def test_bad_input_fails_before_training(tmp_path, kwargs, match):
+    module = make_module()
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match=match):
+        callback = PruneCallback(**kwargs)
+        make_trainer(tmp_path, [callback], max_epochs=3).fit(module, datamodule())
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no training step happened
+
+
+def test_flops_target_is_reached(tmp_path):
+    pl.seed_everything(0)
+    prune = PruneCallback(flops_reduction=0.6, schedule="agp", start_epoch=0, steps=2, criterion="l1", verbose=False)
+    make_trainer(tmp_path, [prune], max_epochs=2).fit(make_module(), datamodule())
+    assert prune.reports[0]["flops_reduction"] < prune.reports[1]["flops_reduction"]
+    assert prune.reports[-1]["flops_reduction"] >= 0.6 - 1e-3
+    assert prune.reports[-1]["target_met"]
