@@ -228,7 +228,9 @@ def prune_event(
                 met = FlopsModel(graph, example_inputs).total_measured <= original_flops * (1 - target)
             if met:
                 break
-            step = allocator.step(graph, score(), evaluate, FlopsModel(graph, example_inputs))
+            flops_model = FlopsModel(graph, example_inputs)
+            budget = None if target_kind == "channels" else flops_model.total_measured - original_flops * (1 - target)
+            step = allocator.step(graph, score(), evaluate, flops_model, flops_budget=budget)
             if not step:
                 break
             if target_kind == "channels":  # do not overshoot a channel target

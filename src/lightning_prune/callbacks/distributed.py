@@ -107,3 +107,58 @@ def validation_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule, batc
     if loader is None:
         raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
     return _accuracy_evaluator(pl_module, loader, batch_fn)
+
+
+class ShardedBatches:
+    """The first ``batches_per_rank * world_size`` batches of ``loader``, dealt round-robin to the ranks.
+
+    Every rank iterates the same (seeded) loader and keeps batches ``i % world_size == rank``, so the shards are
+    disjoint and their union is a fixed scoring set; summing the ranks' statistics gives the statistics of that
+    union, exactly what a single process would compute on it."""
+
+    def __init__(self, loader: Any, rank: int, world_size: int, batches_per_rank: int):
+        self.loader, self.rank, self.world_size, self.batches_per_rank = loader, rank, world_size, batches_per_rank
+
+    def __iter__(self):
+        taken = 0
+        for index, batch in enumerate(self.loader):
+            if index >= self.batches_per_rank * self.world_size:
+                break
+            if index % self.world_size == self.rank:
+                taken += 1
+                yield batch
+
+
+def shard_scoring_data(trainer: pl.Trainer, loader: Any, batches_per_rank: int) -> Any:
+    if not is_distributed(trainer):
+        return loader
+    return ShardedBatches(loader, trainer.global_rank, trainer.world_size, batches_per_rank)
+
+
+def is_spawned_worker(trainer: pl.Trainer) -> bool:
+    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return isinstance(launcher, _MultiProcessingLauncher) and dist.is_available() and dist.is_initialized()
+
+
+SPAWN_KEY_PREFIX = "lightning_prune_pruned_weights/"
+
+
+def keep_pruned_weights_in_worker(pl_module: pl.LightningModule) -> None:
+    """With ``ddp_spawn`` Lightning copies the final weights back into the main process's module, which still
+    has the original (unpruned) shapes, and no hook of ours runs in the main process to rebuild it first. Tag the
+    worker's final state dict so that Lightning's non-strict copy-back skips it instead of failing the fit; the
+    pruned model is in the checkpoints (``load_pruned``)."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    def tag(module, state_dict, prefix, local_metadata):
+        for key in list(state_dict):
+            state_dict[SPAWN_KEY_PREFIX + key] = state_dict.pop(key)
+
+    pl_module._register_state_dict_hook(tag)
+    rank_zero_warn(
+        "strategy='ddp_spawn': the pruned weights are not copied back into the main process's module (it still "
+        "has the unpruned shapes). Load the pruned model from a checkpoint with lightning_prune.load_pruned, or "
+        "use strategy='ddp'."
+    )

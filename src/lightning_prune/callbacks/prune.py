@@ -151,6 +151,8 @@ class PruneCallback(Callback):
         if hook is not None:
             hook.remove()
             self._resume_hook = None
+        if stage == "fit" and not self.plan.is_empty() and distributed.is_spawned_worker(trainer):
+            distributed.keep_pruned_weights_in_worker(pl_module)
 
     @staticmethod
     def _has_val_data(trainer: pl.Trainer) -> bool:
@@ -218,6 +220,7 @@ class PruneCallback(Callback):
             self.original_flops = count_flops(pl_module, example)
             self.original_params = count_params(pl_module)
         self.criterion.reset()
+        _give_num_classes(self.criterion, getattr(getattr(trainer, "datamodule", None), "num_classes", None))
 
         def after_surgery(result) -> None:
             for optimizer in trainer.optimizers:
@@ -230,7 +233,8 @@ class PruneCallback(Callback):
             report = prune_event(
                 graph, self.criterion, target, target_kind=self.target_kind, allocation=self.allocation,
                 round_to=self.round_to, max_group_sparsity=self.max_group_sparsity,
-                dataloader=self._scoring_data(trainer) if self.criterion.requires_data else None,
+                dataloader=(distributed.shard_scoring_data(trainer, self._scoring_data(trainer), self.scoring_batches)
+                            if self.criterion.requires_data else None),
                 scoring_batches=self.scoring_batches, batch_fn=self.batch_fn,
                 reduce_state=distributed.state_reducer(trainer), original_flops=self.original_flops,
                 evaluate=evaluate, sensitivity=self.sensitivity, on_surgery=after_surgery,
@@ -306,6 +310,18 @@ class PruneCallback(Callback):
         if datamodule is not None and hasattr(datamodule, "scoring_dataloader"):
             return datamodule.scoring_dataloader()
         return self._train_loader(trainer)
+
+
+def _give_num_classes(criterion: Any, num_classes: int | None) -> None:
+    """Class-discrimination criteria keep per-class state; with the number of classes known, that state has the
+    same shape on every DDP rank. Walks wrappers (``Variety``) and blends."""
+    if num_classes is None or criterion is None:
+        return
+    if hasattr(criterion, "num_classes") and getattr(criterion, "num_classes") is None:
+        criterion.num_classes = int(num_classes)
+    _give_num_classes(getattr(criterion, "base", None), num_classes)
+    for member in getattr(criterion, "criteria", None) or []:
+        _give_num_classes(member, num_classes)
 
 
 def _shapes(example: Any) -> list[list[int]] | None:

@@ -1,0 +1,10 @@
+"""Allocation: how many channels each group loses, and which.
+
+- :func:`allocate` with ``allocation="uniform"`` (every group to the same width fraction) or ``"global"`` (one
+  score threshold over the whole network), toward a cumulative channel-sparsity target;
+- :class:`SensitivityAllocator`: FLOP-normalized sensitivity analysis (paper 2), toward a FLOPs target.
+"""
+from .core import ALLOCATIONS, allocate, round_width
+from .sensitivity import SensitivityAllocator, SensitivityResult, SensitivityStep
+
+__all__ = ["ALLOCATIONS", "SensitivityAllocator", "SensitivityResult", "SensitivityStep", "allocate", "round_width"]

@@ -1,0 +1,153 @@
+"""FLOP-normalized sensitivity analysis (paper 2) on a network with a known critical and a known redundant group.
+
+Data: 4 classes; sample of class c has a bright input plane c. The network is built by hand:
+
+- group ``a`` (conv a, 4 channels): channel c copies input plane c. Every channel carries one class's signal,
+  so removing any of them makes that class unrecognisable (about -25 % accuracy): critical.
+- group ``b`` (conv b, 8 channels): channels c and c+4 are both copies of ``a``'s channel c (duplicates), and the
+  head reads each with weight 0.5. Removing one copy of a pair changes nothing: redundant.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune.allocation import SensitivityAllocator
+from lightning_prune.criteria import get
+from lightning_prune.structure import DependencyGraph, FlopsModel, count_flops
+
+CLASSES, SIDE = 4, 6
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(CLASSES, CLASSES, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(CLASSES, 2 * CLASSES, 3, padding=1, bias=False)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(2 * CLASSES, CLASSES, bias=False)
+        with torch.no_grad():
+            for m in (self.a, self.b, self.head):
+                m.weight.zero_()
+            for c in range(CLASSES):
+                self.a.weight[c, c, 1, 1] = 1.0
+                self.b.weight[c, c, 1, 1] = 1.0
+                self.b.weight[c + CLASSES, c, 1, 1] = 1.0
+                self.head.weight[c, c] = 0.5
+                self.head.weight[c, c + CLASSES] = 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.b(x))
+        return self.head(self.pool(x).flatten(1))
+
+
+def _data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, CLASSES, (n,), generator=g)
+    x = 0.3 * torch.randn(n, CLASSES, SIDE, SIDE, generator=g)
+    x[torch.arange(n), y] += 1.0
+    return x, y
+
+
+@pytest.fixture
+def setup():
+    model = Net().eval()
+    x_val, y_val = _data(256, seed=1)  # held-out validation split (not the data the scores come from)
+
+    def evaluate() -> float:
+        return float((model(x_val).argmax(1) == y_val).float().mean())
+
+    graph = DependencyGraph(model, x_val[:2])
+    l2 = get("l2")
+
+    def scores_fn():
+        return {g.name: l2.score(g) for g in graph.groups}
+
+    return model, graph, evaluate, scores_fn, x_val[:2]
+
+
+def test_groups_and_baseline(setup):
+    model, graph, evaluate, _, _ = setup
+    assert [(g.name, g.size) for g in graph.groups] == [("a", 4), ("b", 8)]
+    assert evaluate() > 0.98
+
+
+def test_trial_sizes_follow_flop_normalisation(setup):
+    _, graph, _, _, x = setup
+    fm = FlopsModel(graph, x)
+    da, db = fm.delta_per_channel("a"), fm.delta_per_channel("b")
+    assert da > db > 0
+    sizes = SensitivityAllocator(progress=False).trial_sizes(graph, fm)
+    # k_l = int(0.8 * max dF / dF_l), at least one channel
+    assert sizes == {"a": max(1, int(0.8 * da / da)), "b": max(1, int(0.8 * da / db))}
+    assert sizes["a"] == 1 and sizes["b"] == 2
+    # min_width_fraction 0.75: 'a' may keep no fewer than 3 of 4, 'b' 6 of 8 (so k_b is clipped to 2)
+    sizes = SensitivityAllocator(min_width_fraction=0.75, prune_multiple=5.0, progress=False).trial_sizes(graph, fm)
+    assert sizes == {"a": 1, "b": 2}
+    assert SensitivityAllocator(min_width_fraction=0.99, progress=False).trial_sizes(graph, fm) == {}
+
+
+def test_step_spares_the_critical_group_and_prunes_the_redundant_one(setup):
+    model, graph, evaluate, scores_fn, x = setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    allocator = SensitivityAllocator(progress=True)
+    removals = allocator.step(graph, scores_fn(), evaluate, FlopsModel(graph, x))
+    assert list(removals) == ["b"] and len(removals["b"]) == 2
+    trials = allocator.last_step.trials
+    baseline = allocator.last_step.baseline
+    assert baseline - trials["a"]["accuracy"] > 0.15  # one class destroyed
+    assert trials["b"]["accuracy"] == baseline  # a duplicate removed: exactly nothing changes
+    # the step only measured: the model is unchanged and in its original mode
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert not model.training
+    graph.prune_groups(removals)
+    assert evaluate() == baseline
+
+
+def test_plan_to_flops_reaches_target_within_one_group_step(setup):
+    model, graph, evaluate, scores_fn, x = setup
+    original = count_flops(model, x)
+    per_channel_b = FlopsModel(graph, x).delta_per_channel("b")
+    baseline = evaluate()
+    calls = []
+    result = SensitivityAllocator(progress=False).plan_to_flops(
+        graph, scores_fn, evaluate, x, 0.25, original_flops=original, on_step=lambda step, g: calls.append(g.widths()))
+    assert result.reached, result.message
+    measured = 1 - count_flops(model, x) / original
+    assert result.reduction == pytest.approx(measured)
+    assert 0.25 <= measured <= 0.25 + per_channel_b / original + 1e-9  # overshoot below one channel of 'b'
+    # everything came from the redundant group; the critical group is intact and accuracy unchanged
+    assert graph.widths()["a"] == 4 and graph.widths()["b"] < 8
+    assert set(result.removed) == {"b"}
+    assert evaluate() == baseline
+    assert len(calls) == len(result.steps) >= 1
+    assert all(step.chosen == ["b"] for step in result.steps)
+
+
+def test_plan_to_flops_reports_an_unreachable_target(setup):
+    model, graph, evaluate, scores_fn, x = setup
+    original = count_flops(model, x)
+    allocator = SensitivityAllocator(min_width_fraction=0.5, progress=False)
+    with pytest.warns(RuntimeWarning, match="not reached"):
+        result = allocator.plan_to_flops(graph, scores_fn, evaluate, x, 0.9, original_flops=original)
+    assert not result.reached and "minimum width" in result.message
+    assert graph.widths() == {"a": 2, "b": 4}  # every group at its floor
+    assert result.reduction == pytest.approx(1 - count_flops(model, x) / original)
+    # a repeated call on the pruned graph continues from there and defaults original FLOPs to the original widths
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = allocator.plan_to_flops(graph, scores_fn, evaluate, x, 0.9)
+    assert again.steps == [] and again.original_flops == pytest.approx(original, rel=0.02)  # pooling is only approximated
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="prune_multiple"):
+        SensitivityAllocator(prune_multiple=0)
+    with pytest.raises(ValueError, match="min_width_fraction"):
+        SensitivityAllocator(min_width_fraction=1.0)
+    with pytest.raises(ValueError, match="num_groups"):
+        SensitivityAllocator(num_groups=0)
