@@ -17,14 +17,6 @@ from lightning_prune.datamodules import DigitsDataModule
 IMAGE = 12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions are much slower with two contending threads on a 2-core CI machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_module(**kwargs) -> ClassificationModule:
     options = dict(model="digits_cnn", num_classes=10, in_channels=1, lr=0.05, scheduler="cosine",

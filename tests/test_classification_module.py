@@ -13,14 +13,6 @@ from lightning_prune.datamodules import DigitsDataModule
 from lightning_prune.models import DigitsCNN
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Tiny CPU convolutions are ~10x slower with two contending threads on a 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def test_two_epoch_fit_on_digits_learns_and_logs_metrics():
     pl.seed_everything(0, workers=True)

@@ -13,14 +13,6 @@ DATA_CRITERIA = ("taylor", "apoz", "activation_mean", "hrank", "tt", "snr", "fdr
 DISCRIMINATION = ("tt", "snr", "fdr", "sd")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight over shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def identity_model(channels: int = 3, classes: int = 3) -> tuple[nn.Module, DependencyGraph]:
     """Conv1×1 (identity) → ReLU → Conv1×1 → ReLU → global pool → Linear: group ``"0"`` is fed to conv ``"2"``

@@ -12,14 +12,6 @@ from lightning_prune.criteria.variety import variety_transform
 from lightning_prune.structure import DependencyGraph
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight over shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def model_with_filters(filters: torch.Tensor) -> tuple[nn.Module, DependencyGraph]:
     n, c_in = filters.shape

@@ -18,14 +18,6 @@ from lightning_prune.criteria import (
 from lightning_prune.structure import DependencyGraph
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and does not fight over shared CI cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def conv_model(filters: torch.Tensor, bn: bool = True) -> tuple[nn.Module, DependencyGraph]:
     """Conv(C_in→n, 1×1) [BN] ReLU Conv(n→2) pool Linear, with the first conv's filters set to ``filters``."""

@@ -21,14 +21,6 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small CPU convolutions run far slower with thread contention on a busy 2-core box.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 @pytest.mark.parametrize("name", ["resnet20", "resnet32", "resnet56"])
 def test_cifar_resnets_forward_shape(name):

@@ -11,13 +11,6 @@ import lightning_prune as lp
 from lightning_prune.models import create_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def resnet20():
     torch.manual_seed(0)

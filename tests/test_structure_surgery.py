@@ -29,14 +29,6 @@ from lightning_prune.structure import (
 from .zoo import randomize_normalization
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    # Small CPU convolutions run far slower with thread contention on a busy shared box.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # -- models ----------------------------------------------------------------------------------------------------
 class FlattenCNN(nn.Module):

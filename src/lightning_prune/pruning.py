@@ -238,10 +238,20 @@ def prune_event(
                 step = _trim(graph, step, max(budget, 1))
             apply(step)
     else:
-        removals, met = choose_removals(
-            graph, score(), target, target_kind=target_kind, allocation=allocation, round_to=round_to,
-            max_group_sparsity=max_group_sparsity, flops_model=flops_model, original_flops=original_flops,
-        )
+        def decide(scores: dict[str, torch.Tensor]) -> tuple[dict[str, list[int]], bool]:
+            return choose_removals(
+                graph, scores, target, target_kind=target_kind, allocation=allocation, round_to=round_to,
+                max_group_sparsity=max_group_sparsity, flops_model=flops_model, original_flops=original_flops,
+            )
+
+        scores = score()
+        removals, met = decide(scores)
+        if hasattr(criterion, "search"):  # Blend: evolve the calibration weights at this event's removal counts
+            if evaluate is None:
+                raise ValueError("criterion 'blend' searches its weights on held-out data: pass val_dataloader "
+                                 "(one-shot prune) or give the trainer a validation dataloader (callback).")
+            criterion.search(graph, evaluate, {name: len(ix) for name, ix in removals.items()})
+            removals, met = decide({g.name: criterion.score(g) for g in graph.groups})
         apply(removals)
 
     flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))

@@ -227,7 +227,7 @@ class PruneCallback(Callback):
                 transplant_optimizer(optimizer, result.replacements)
 
         evaluate = None
-        if self.allocation == "sensitivity":
+        if self.allocation == "sensitivity" or hasattr(self.criterion, "search"):
             evaluate = distributed.validation_accuracy(trainer, pl_module, self.batch_fn)
         try:
             report = prune_event(
