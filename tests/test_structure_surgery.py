@@ -338,7 +338,6 @@ def test_transplant_optimizer_slices_state(kind):
 
     # Training continues with the transplanted state: kept channels update, the loss stays finite.
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    grads_seen = {}
     if kind == "sgd":
         optimizer.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
@@ -398,7 +397,8 @@ def resnet_and_graph():
 @pytest.mark.parametrize(
     "removals, error, pattern",
     [
-        ({"layer1.0.conv1": [3, 64]}, ValueError, r"indices for group 'layer1.0.conv1' out of range: \[64\].*\[0, 64\)"),
+        ({"layer1.0.conv1": [3, 64]}, ValueError,
+         r"indices for group 'layer1.0.conv1' out of range: \[64\].*\[0, 64\)"),
         ({"layer1.0.conv1": [-1]}, ValueError, r"out of range.*\[0, 64\)"),
         ({"layer1.0.conv1": [5, 5]}, ValueError, "indices for group 'layer1.0.conv1' contains duplicates"),
         ({"layer1.0.conv1": list(range(64))}, ValueError, "remove 64 of 64 channels.*at least 1 must remain"),
