@@ -132,9 +132,12 @@ def _run_worker(name: str, tool: str, result_path: str, threads: int) -> None:
             _prune_ours(model, x, save)
         else:
             _prune_tp(model, x, save)
-        save(stage="forward check")
+        save(stage="forward check", params_after=count_params(model))
         save(forward=_forward_check(model, x))
-        save(stage="count FLOPs after", params_after=count_params(model))
+        if result["forward"] != "ok":  # pruned without an error, but the pruned model does not run
+            save(stage="done", status="broken", error=f"pruned model fails: {result['forward']}")
+            return
+        save(stage="count FLOPs after")
         save(flops_after=count_flops(model, x))
         save(stage="done", status="ok")
     except BaseException as error:  # noqa: BLE001 - recorded in the result file
@@ -268,6 +271,8 @@ def _status(result: dict[str, Any] | None) -> str:
     status = result.get("status", "?")
     if status == "ok":
         return "ok"
+    if status == "broken":
+        return "**broken** (see fwd)"
     return f"**{status}**: {_escape(result.get('error', ''))}"
 
 
@@ -279,15 +284,15 @@ def _total_s(result: dict[str, Any] | None) -> Any:
     if not result:
         return None
     parts = [result.get("build_s"), result.get("prune_s")]
-    return sum(p for p in parts if isinstance(p, (int, float))) if any(isinstance(p, (int, float)) for p in parts) else None
+    numbers = [p for p in parts if isinstance(p, (int, float))]
+    return sum(numbers) if numbers else None
 
 
 def machine_description() -> list[str]:
     import torch
     import torch_pruning
     import torchvision
-
-    import fvcore  # noqa: F401
+    from fvcore import __version__ as fvcore_version
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -302,7 +307,7 @@ def machine_description() -> list[str]:
         f"- CPU: {cpu}, {os.cpu_count()} logical cores visible (shared machine; workers use "
         f"{{threads}} torch thread(s)), no GPU",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, torch_pruning "
-        f"{getattr(torch_pruning, '__version__', '?')}",
+        f"{getattr(torch_pruning, '__version__', '?')}, fvcore {fvcore_version}",
     ]
 
 
@@ -337,22 +342,25 @@ def write_markdown(path: Path, models: list[str], results: dict[tuple[str, str],
     for m in done:
         for tool in TOOLS:
             status = results[(m, tool)].get("status", "?")
-            if status == "ok" and tool == "ours" and results[(m, tool)].get("forward") != "ok":
-                status = "forward failed"
             counts[tool][status] = counts[tool].get(status, 0) + 1
-    ours_ok = {m for m in done if results[(m, "ours")].get("status") == "ok"}
-    tp_ok = {m for m in done if results[(m, "tp")].get("status") == "ok"}
-    tp_fwd_ok = {m for m in tp_ok if results[(m, "tp")].get("forward") == "ok"}
-    ours_fwd_ok = {m for m in ours_ok if results[(m, "ours")].get("forward") == "ok"}
+    ok = {tool: {m for m in done if results[(m, tool)].get("status") == "ok"} for tool in TOOLS}
+
+    def tally(tool: str) -> str:
+        others = ", ".join(f"{k}: {v}" for k, v in sorted(counts[tool].items()) if k != "ok")
+        text = f"{len(ok[tool])} of {len(done)} pruned and run in train and eval mode"
+        return text + (f" ({others})" if others else "")
+
     lines += [
         f"- Models: {len(done)} of {len(models)} finished.",
-        f"- lightning-prune: {len(ours_fwd_ok)} pruned and run in train and eval mode; "
-        + ", ".join(f"{k}: {v}" for k, v in sorted(counts["ours"].items())) + ".",
-        f"- Torch-Pruning: {len(tp_ok)} pruned without error, of which {len(tp_fwd_ok)} run in train and eval "
-        "mode; " + ", ".join(f"{k}: {v}" for k, v in sorted(counts["tp"].items())) + ".",
-        f"- Both succeed: {len(ours_fwd_ok & tp_fwd_ok)}; only lightning-prune: "
-        f"{', '.join(sorted(ours_fwd_ok - tp_fwd_ok)) or '–'}; only Torch-Pruning: "
-        f"{', '.join(sorted(tp_fwd_ok - ours_fwd_ok)) or '–'}.",
+        f"- lightning-prune: {tally('ours')}.",
+        f"- Torch-Pruning: {tally('tp')}.",
+        f"- Both succeed: {len(ok['ours'] & ok['tp'])}; only lightning-prune: "
+        f"{', '.join(f'`{m}`' for m in sorted(ok['ours'] - ok['tp'])) or '–'}; only Torch-Pruning: "
+        f"{', '.join(f'`{m}`' for m in sorted(ok['tp'] - ok['ours'])) or '–'}; neither: "
+        f"{', '.join(f'`{m}`' for m in done if m not in ok['ours'] | ok['tp']) or '–'}.",
+        "- Statuses: `error` = an exception while tracing/pruning (lightning-prune restores the model); `broken` = "
+        "pruning returned but the pruned model fails a forward pass; `timeout`/`memory` = the worker was stopped "
+        "by the hard bound.",
         "",
         "## Results",
         "",
@@ -405,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None, help="also write the raw results as JSON here")
     parser.add_argument("--jobs", type=int, default=1, help="models run in parallel (default 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--render", action="store_true", help="only re-write --out from the results in --json")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the results already in --json and run only the models missing there")
     parser.add_argument("--worker", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -426,6 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     results: dict[tuple[str, str], dict] = {}
+    if args.render:
+        if not args.json:
+            parser.error("--render needs --json (the raw results of an earlier run)")
+        for entry in json.loads(Path(args.json).read_text()):
+            results[(entry["model"], entry["tool"])] = entry
+        write_markdown(out, models, results, args, started, finished=True)
+        return 0
+
+    if args.resume and args.json and Path(args.json).exists():
+        for entry in json.loads(Path(args.json).read_text()):
+            results[(entry["model"], entry["tool"])] = entry
+    pending = [m for m in models if not all((m, tool) in results for tool in TOOLS)]
 
     def one_model(name: str) -> str:
         for tool in TOOLS:
@@ -437,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                 + (f" | tp error: {t.get('error')}" if t.get("status") != "ok" else ""))
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(one_model, m): m for m in models}
+        futures = {pool.submit(one_model, m): m for m in pending}
         for future in concurrent.futures.as_completed(futures):
             print(future.result(), flush=True)
             write_markdown(out, models, results, args, started, finished=False)

@@ -221,6 +221,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--scoring-batches", type=int, default=None, help="batches of 64 for data criteria")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for tiny nets)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--save-base", type=Path, default=None,
+                        help="save each trained base model here as <model>_seed<seed>.pt (benchmarks/analysis.py "
+                             "reuses them)")
+    parser.add_argument("--reuse-base", action="store_true",
+                        help="load base models already saved in --save-base instead of training them again")
     args = parser.parse_args(argv)
     quick = args.quick
     args.seeds = args.seeds or ([0] if quick else [0, 1, 2])
@@ -265,8 +270,16 @@ def main(argv: list[str] | None = None) -> str:
             base_model = make_model(model_name)
             t0 = time.perf_counter()
             epochs = args.epochs if args.epochs is not None else (quick_epochs[model_name] if quick else 20.0)
-            train(base_model, splits["train"], epochs, args.lr, seed)
+            saved = args.save_base / f"{model_name}_seed{seed}.pt" if args.save_base is not None else None
+            if args.reuse_base and saved is not None and saved.exists():
+                base_model.load_state_dict(torch.load(saved, weights_only=True))
+                base_model.eval()
+            else:
+                train(base_model, splits["train"], epochs, args.lr, seed)
             base_acc.append(accuracy(base_model, splits["test"]))
+            if args.save_base is not None:
+                args.save_base.mkdir(parents=True, exist_ok=True)
+                torch.save(base_model.state_dict(), args.save_base / f"{model_name}_seed{seed}.pt")
             print(f"[{model_name} seed {seed}] base accuracy {base_acc[-1]:.3f} ({time.perf_counter() - t0:.1f} s)",
                   flush=True)
             for target in args.targets:
@@ -296,6 +309,8 @@ def main(argv: list[str] | None = None) -> str:
             seconds = [s for t in args.targets for s in results[(name, t)].seconds]
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.fmean(seconds):.2f} |")
         lines.append("")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")  # partial results survive an interrupted run
     lines.append(f"Total wall time {time.perf_counter() - wall:.0f} s.")
     table = "\n".join(lines) + "\n"
     print()

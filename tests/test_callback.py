@@ -171,6 +171,27 @@ def test_load_pruned_and_weights_only_checkpoint(tmp_path):
         torch.testing.assert_close(loaded(x), module.eval()(x))
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in module.parameters())
 
+    # LightningCLI stores how it instantiated the module next to the hyper-parameters; load_pruned ignores that.
+    raw["hyper_parameters"].update(_instantiator="lightning.pytorch.cli.instantiate_module",
+                                   _class_path="lightning_prune.classification.ClassificationModule")
+    cli_path = tmp_path / "cli.ckpt"
+    torch.save(raw, cli_path)
+    with torch.no_grad():
+        torch.testing.assert_close(load_pruned(ClassificationModule, str(cli_path))(x), module(x))
+
+
+def test_fast_dev_run_prunes_once_at_epoch_zero(tmp_path):
+    prune = PruneCallback(amount=0.5, epochs=[2, 3], criterion="l1")
+    module = make_module()
+    before = sum(p.numel() for p in module.parameters())
+    trainer = make_trainer(tmp_path, [prune], fast_dev_run=2)
+    with pytest.warns(UserWarning, match="fast_dev_run"):
+        trainer.fit(module, datamodule())
+    assert prune.done_epochs == [0]
+    assert prune.reports[-1]["channel_sparsity"] == pytest.approx(0.5, abs=0.05)
+    assert sum(p.numel() for p in module.parameters()) < before
+    assert prune.schedule[0][0] == 2  # the configured schedule itself is unchanged
+
 
 @pytest.mark.parametrize(
     "kwargs, match",

@@ -250,7 +250,6 @@ def test_config_runs_fast_dev_run(name, tmp_path, capsys):
         "--trainer.fast_dev_run", "1",
         "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto",
         "--trainer.precision", "32",
-        "--trainer.callbacks.epochs", "[0]",  # fast_dev_run trains one epoch: prune at its start
         "--trainer.default_root_dir", str(tmp_path),
         "--trainer.logger.init_args.save_dir", str(tmp_path / "logs"),
         "--trainer.enable_progress_bar", "false",

@@ -192,7 +192,7 @@ def test_blend_search_time_limit_and_progress(caplog):
     blend = Blend(["l1", "fpgm"], population=50, generations=100, time_limit_s=0.0, progress=False)
     result = blend.search(graph, evaluate, counts)
     assert result.evaluations == 1  # the equal-weights individual, then out of time
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="removal_counts: group 'nope' is not a prunable group"):
         blend.search(graph, evaluate, {"nope": 1})
     with caplog.at_level(logging.INFO, logger="lightning_prune.criteria.blend"):
         shown = Blend(["l1", "fpgm"], population=3, generations=1, progress=True).search(graph, evaluate, counts)

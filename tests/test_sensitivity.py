@@ -151,3 +151,37 @@ def test_argument_errors():
         SensitivityAllocator(min_width_fraction=1.0)
     with pytest.raises(ValueError, match="num_groups"):
         SensitivityAllocator(num_groups=0)
+
+
+class GroupedNet(nn.Module):
+    """A grouped convolution couples its input channels in two chunks (``divisions == 2``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.grouped(torch.relu(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_channel_target_trims_grouped_conv_steps_symmetrically():
+    import lightning_prune as lp
+
+    torch.manual_seed(0)
+    model = GroupedNet().eval()
+    x = torch.randn(32, 3, 6, 6)
+    y = torch.randint(0, 4, (32,))
+    graph_before = DependencyGraph(model, x[:2])
+    assert any(g.divisions == 2 for g in graph_before.groups)
+    # m=4 makes every trial step remove more than the 25 % channel target allows, so the step must be trimmed.
+    report = lp.prune(model, x[:2], criterion="l1", amount=0.25, allocation="sensitivity",
+                      val_dataloader=[(x, y)], sensitivity={"progress": False, "prune_multiple": 4.0})
+    widths = report.widths_after
+    assert sum(report.removed.values()) == 4  # 25 % of the 16 prunable channels, not a whole oversized step
+    for group in DependencyGraph(model, x[:2]).groups:
+        assert group.size % max(group.divisions, 1) == 0
+    model.train()(x[:4]).sum().backward()
+    assert widths

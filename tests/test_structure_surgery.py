@@ -405,7 +405,7 @@ def resnet_and_graph():
         ({"layer1.0.conv1": ["a"]}, ValueError, r"must be integers in \[0, 64\)"),
         # a valid removal next to an invalid one: nothing is removed at all
         ({"layer2.0.conv1": [0, 1], "layer1.0.conv1": [99]}, ValueError, "out of range"),
-        ({"layer1.0.conv": [0]}, KeyError, r"'layer1.0.conv' is not a prunable group.*Did you mean.*'layer1.0.conv1'"),
+        ({"layer1.0.conv": [0]}, ValueError, r"removals: group 'layer1.0.conv' is not a prunable group.*Did you mean.*'layer1.0.conv1'"),
     ],
 )
 def test_bad_indices_raise_and_leave_model_untouched(resnet_and_graph, removals, error, pattern):

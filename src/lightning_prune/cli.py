@@ -55,7 +55,7 @@ def _prune_callback(trainer: pl.Trainer) -> PruneCallback | None:
 
 
 def _first_event_epoch(callback: PruneCallback) -> int | None:
-    pending = [epoch for epoch, _ in callback.schedule if epoch not in callback.done_epochs]
+    pending = [epoch for epoch, _ in callback.events if epoch not in callback.done_epochs]
     return min(pending) if pending else None
 
 

@@ -230,12 +230,13 @@ def prune_event(
                 break
             flops_model = FlopsModel(graph, example_inputs)
             budget = None if target_kind == "channels" else flops_model.total_measured - original_flops * (1 - target)
-            step = allocator.step(graph, score(), evaluate, flops_model, flops_budget=budget)
+            scores = score()
+            step = allocator.step(graph, scores, evaluate, flops_model, flops_budget=budget)
             if not step:
                 break
             if target_kind == "channels":  # do not overshoot a channel target
                 budget = int(round((target - graph.channel_sparsity()) * original))
-                step = _trim(graph, step, max(budget, 1))
+                step = _trim(graph, step, scores, max(budget, 1))
             apply(step)
     else:
         def decide(scores: dict[str, torch.Tensor]) -> tuple[dict[str, list[int]], bool]:
@@ -272,15 +273,18 @@ def prune_event(
     )
 
 
-def _trim(graph: DependencyGraph, step: dict[str, list[int]], budget: int) -> dict[str, list[int]]:
+def _trim(graph: DependencyGraph, step: dict[str, list[int]], scores: dict[str, torch.Tensor],
+          budget: int) -> dict[str, list[int]]:
+    """Shrink a sensitivity step to remove at most ``budget`` channels: each group keeps its lowest-scored
+    channels, in whole grouped-conv positions (a multiple of ``divisions``), so the removal stays symmetric."""
     trimmed = {}
     for name, indices in step.items():
         group = graph.group(name)
-        keep = min(len(indices), budget - budget % group.divisions)
-        if keep <= 0:
+        count = min(len(indices), budget - budget % group.divisions)
+        if count <= 0:
             continue
-        trimmed[name] = sorted(indices)[:keep] if group.divisions == 1 else indices[: keep]
-        budget -= keep
+        trimmed[name] = group.lowest(scores[name], count)
+        budget -= count
     return trimmed or step
 
 

@@ -117,6 +117,12 @@ class PruneCallback(Callback):
         self.example_shape: list[list[int]] | None = None
         self.reports: list[dict[str, Any]] = []
 
+    @property
+    def events(self) -> list[tuple[int, float]]:
+        """``(epoch, cumulative target)`` of the events this fit runs: the schedule, or under ``fast_dev_run`` a
+        single event at epoch 0."""
+        return list(getattr(self, "_events", self.schedule))
+
     # -- validation and set-up ---------------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
@@ -124,7 +130,13 @@ class PruneCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         max_epochs = trainer.max_epochs
-        if stage == "fit" and max_epochs is not None and max_epochs >= 0:
+        self._events = list(self.schedule)
+        if stage == "fit" and trainer.fast_dev_run and any(e > 0 for e, _ in self.schedule):
+            # A dev run trains a single epoch; it should still exercise scoring, surgery and logging.
+            self._events = [(0, self.schedule[-1][1])]
+            rank_zero_warn(f"fast_dev_run: the pruning events at epochs {[e for e, _ in self.schedule]} are replaced "
+                           "by one event at epoch 0 that reaches the final target.")
+        elif stage == "fit" and max_epochs is not None and max_epochs >= 0:
             late = [e for e, _ in self.schedule if e >= max_epochs]
             if late:
                 raise ValueError(
@@ -208,7 +220,7 @@ class PruneCallback(Callback):
     # -- the schedule ------------------------------------------------------------------------------------------
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
-        due = [(e, t) for e, t in self.schedule if e == epoch and e not in self.done_epochs]
+        due = [(e, t) for e, t in self.events if e == epoch and e not in self.done_epochs]
         if due:
             self._prune(trainer, pl_module, due[0][1], epoch)
         self._log_state(trainer, pl_module)
@@ -358,7 +370,9 @@ def load_pruned(module_class: type[pl.LightningModule], checkpoint_path: str, *,
     pruned structure from the plan stored in the checkpoint, loads the weights and returns the module in eval
     mode. The checkpoint is read with ``torch.load(weights_only=True)``."""
     checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    # LightningCLI records how it instantiated the module under private keys; they are not constructor arguments.
+    hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items()
+               if k not in ("_instantiator", "_class_path")}
     hparams.update(kwargs)
     module = module_class(**hparams)
     saved = checkpoint.get(CHECKPOINT_KEY) or {}

@@ -240,7 +240,11 @@ class Blend(Criterion):
         targets = {}
         for name, n in removal_counts.items():
             if name not in groups:
-                graph.group(name)  # KeyError with suggestions
+                try:
+                    graph.group(name)
+                except KeyError as error:
+                    raise ValueError(f"removal_counts: {error.args[0]} Accepted values are the names of "
+                                     "graph.groups.") from None
             if int(n) > 0:
                 targets[name] = (groups[name], int(n))
         rng = np.random.RandomState(self.seed)

@@ -72,20 +72,32 @@ def _make_unmappable(node: Any) -> None:
                 dep.index_mapping[0] = _Unmappable(node)
 
 
+def _saved_input_rank(node: Any) -> int:
+    """Rank of the tensor a traced view/reshape op received (0 when autograd did not save its shape)."""
+    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None) or getattr(node.grad_fn, "_saved_self_sizes", None)
+    return len(tuple(sizes or ()))
+
+
+def _is_transpose_or_permute(node: Any) -> bool:
+    return isinstance(node.module, tp.ops._ElementWiseOp) and any(
+        kind in node.module._grad_fn for kind in ("Transpose", "Permute")
+    )
+
+
 def _is_channel_shuffle(node: Any) -> bool:
     """A view next to a transpose with a 5-D shape: ``x.view(b, g, c // g, h, w).transpose(1, 2)`` and back.
     Torch-Pruning maps channels straight through it, which would be wrong (the channels are permuted)."""
     if node.type != tp.ops.OPTYPE.RESHAPE:
         return False
-    sizes = getattr(node.grad_fn, "_saved_self_sym_sizes", None) or getattr(node.grad_fn, "_saved_self_sizes", ())
     neighbours = list(node.inputs) + list(node.outputs)
-    transposed = any(
-        isinstance(n.module, tp.ops._ElementWiseOp) and ("Transpose" in n.module._grad_fn or "Permute" in n.module._grad_fn)
-        for n in neighbours + [m for n in neighbours for m in list(n.inputs) + list(n.outputs)]
+    second_neighbours = [m for n in neighbours for m in list(n.inputs) + list(n.outputs)]
+    next_to_transpose = any(_is_transpose_or_permute(n) for n in neighbours + second_neighbours)
+    if not next_to_transpose:
+        return False
+    views_5d = _saved_input_rank(node) >= 5 or any(
+        _saved_input_rank(n) >= 5 for n in neighbours if n.type == tp.ops.OPTYPE.ELEMENTWISE
     )
-    return transposed and len(tuple(sizes)) >= 5 or transposed and any(len(tuple(
-        getattr(n.grad_fn, "_saved_self_sym_sizes", None) or getattr(n.grad_fn, "_saved_self_sizes", ()) or ()
-    )) >= 5 for n in neighbours if n.type == tp.ops.OPTYPE.ELEMENTWISE)
+    return views_5d
 
 
 @contextlib.contextmanager
@@ -640,7 +652,11 @@ class DependencyGraph:
         for key, indices in removals.items():
             name = key.name if isinstance(key, ChannelGroup) else key
             if name not in by_name:
-                self.group(name)  # raises KeyError with suggestions
+                try:
+                    self.group(name)
+                except KeyError as error:  # a bad argument, not a failed lookup: name the parameter
+                    raise ValueError(f"removals: {error.args[0]} Accepted values are the names of graph.groups.") \
+                        from None
             if isinstance(indices, torch.Tensor):
                 indices = indices.flatten().tolist()
             unique = by_name[name].validate_removal(indices)
