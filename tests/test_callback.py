@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-import glob
+import math
 
 import pytest
 import pytorch_lightning as pl
@@ -109,6 +109,35 @@ def test_optimizer_momentum_survives_and_lr_schedule_is_unchanged(tmp_path):
     pl.seed_everything(0)
     make_trainer(tmp_path, [unpruned], max_epochs=3).fit(make_module(), datamodule())
     assert recorder.lrs == pytest.approx(unpruned.lrs)
+
+
+def test_bf16_clipping_accumulation_and_adamw_keep_working(tmp_path):
+    """Precision plugin, gradient clipping and accumulation wrap the optimizer step; after surgery they must act
+    on the pruned parameters, and AdamW's moments must match their shapes."""
+
+    class LossSpy(pl.Callback):
+        def __init__(self):
+            self.losses = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    spy, recorder = LossSpy(), Recorder()
+    prune = PruneCallback(amount=0.5, epochs=[1], criterion="taylor", scoring_batches=2)
+    module = make_module(optimizer="adamw", lr=3e-3)
+    trainer = make_trainer(tmp_path, [prune, spy, recorder], max_epochs=3, precision="bf16-mixed",
+                           gradient_clip_val=0.5, accumulate_grad_batches=2)
+    trainer.fit(module, datamodule())
+
+    assert prune.done_epochs == [1] and recorder.params[0] > recorder.params[1]
+    assert all(math.isfinite(loss) for loss in spy.losses)
+    optimizer = trainer.optimizers[0]
+    params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert params == {id(p) for p in module.parameters()}
+    for p in module.parameters():
+        state = optimizer.state[p]
+        assert state["exp_avg"].shape == p.shape == state["exp_avg_sq"].shape
+    assert trainer.validate(module, datamodule(), verbose=False)[0]["val/acc"] > 0.3  # chance is 0.1
 
 
 def ordered_loaders(dm: DigitsDataModule):

@@ -156,3 +156,17 @@ def test_custom_criterion_registers():
     _, graph = conv_model(torch.tensor([[1.0, 0.0], [3.0, 0.0]]))
     assert "test_negative_l1" in available()
     assert graph.group("0").lowest(get("test_negative_l1").score(graph.group("0")), 1) == [1]
+
+
+def test_coupled_scores_keep_the_criterion_scale():
+    """Global allocation compares groups with one threshold: a coupled group's combined scores must stay on the
+    criterion's scale (like a single-layer group's), while members still count equally within the group."""
+    from lightning_prune.criteria import combine_scores
+
+    wide = torch.tensor([1.0, 2.0, 3.0, 6.0]) * 10.0
+    narrow = torch.tensor([5.0, 3.0, 2.0, 1.0]) * 0.1
+    combined = combine_scores([wide, narrow])
+    balanced = (wide / wide.abs().mean() + narrow / narrow.abs().mean()) / 2
+    assert torch.equal(combined.argsort(), balanced.double().argsort())
+    assert float(combined.abs().mean()) == pytest.approx(float(wide.abs().mean() + narrow.abs().mean()) / 2)
+    assert torch.equal(combine_scores([wide]), wide.double())  # a single member keeps its raw scores

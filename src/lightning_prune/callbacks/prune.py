@@ -1,7 +1,6 @@
 """``PruneCallback``: scheduled physical pruning inside a Lightning ``Trainer``."""
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Sequence
 
 import pytorch_lightning as pl
@@ -11,7 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .. import criteria as criteria_module
 from ..errors import InconsistentRanksError, PruningError, check_choice, check_fraction, check_positive_int
-from ..pruning import PruneReport, prune_event, resolve_allocation
+from ..pruning import prune_event, resolve_allocation
 from ..structure import DependencyGraph, PruningPlan, apply_plan, count_flops, count_params, transplant_optimizer
 from . import distributed
 from .logging import log_prune_event, log_widths_figure

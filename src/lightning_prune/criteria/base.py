@@ -86,22 +86,31 @@ class Criterion:
 
 
 def combine_scores(per_member: Sequence[torch.Tensor], mode: str = "mean") -> torch.Tensor:
-    """Combine per-member channel scores (each ``[size]``) of one group into one score per channel."""
+    """Combine per-member channel scores (each ``[size]``) of one group into one score per channel.
+
+    Each member's scores are divided by their mean magnitude (so a wide layer does not outvote a narrow one),
+    combined, and multiplied back by the members' average magnitude: the result stays on the criterion's own
+    scale, comparable with single-member groups when one threshold is applied to the whole network (global
+    allocation, paper 1's global-pruning analysis)."""
     if not per_member:
         raise ValueError("no member scores to combine")
     if mode == "first" or len(per_member) == 1:
         return per_member[0].to(torch.float64)
-    normalized = []
+    normalized, scales = [], []
     for scores in per_member:
         scores = scores.to(torch.float64)
         scale = scores.abs().mean()
         normalized.append(scores / scale if scale > 0 else scores)
+        if scale > 0:
+            scales.append(scale)
     stacked = torch.stack(normalized)
     if mode == "sum":
-        return stacked.sum(0)
-    if mode == "max":
-        return stacked.max(0).values
-    return stacked.mean(0)
+        combined = stacked.sum(0)
+    elif mode == "max":
+        combined = stacked.max(0).values
+    else:
+        combined = stacked.mean(0)
+    return combined * torch.stack(scales).mean() if scales else combined
 
 
 def scatter_to_channels(member: GroupMember, values: torch.Tensor, size: int, reduce: str = "mean") -> torch.Tensor:
