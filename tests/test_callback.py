@@ -140,6 +140,42 @@ def test_bf16_clipping_accumulation_and_adamw_keep_working(tmp_path):
     assert trainer.validate(module, datamodule(), verbose=False)[0]["val/acc"] > 0.3  # chance is 0.1
 
 
+class FixedWidthNet(torch.nn.Module):
+    """``forward`` reshapes with a width stored in an attribute (as torchvision's ViT does with its embedding
+    width), so the ``stem`` group cannot be removed although Torch-Pruning maps it."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_channels, 8, 3, padding=1)
+        self.width = 8
+        self.body = torch.nn.Conv2d(8, 32, 3, padding=1)
+        self.head = torch.nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        n, _, h, w = x.shape
+        x = x.reshape(n, self.width, h * w).reshape(n, self.width, h, w)
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_unprunable_groups_are_found_once_and_kept_across_events_and_checkpoints(tmp_path):
+    from lightning_prune.models import available_models, register_model
+
+    if "fixed_width_net" not in available_models():
+        register_model("fixed_width_net")(FixedWidthNet)
+    prune = PruneCallback(amount=0.5, epochs=[0, 1], criterion="l1", schedule="iterative")
+    module = make_module(model="fixed_width_net")
+    with pytest.warns(UserWarning, match="cannot be pruned") as caught:
+        make_trainer(tmp_path, [prune], max_epochs=2).fit(module, datamodule())
+    assert sum("cannot be pruned" in str(w.message) for w in caught) == 1  # the second event skips the probe
+    assert set(prune.excluded_groups) == {"model.stem"}
+    assert prune.done_epochs == [0, 1]
+    assert module.model.stem.out_channels == 8 and module.model.body.out_channels == 16
+    restored = PruneCallback(amount=0.5, epochs=[0, 1], criterion="l1")
+    restored.load_state_dict(prune.state_dict())
+    assert restored.excluded_groups == prune.excluded_groups
+
+
 def ordered_loaders(dm: DigitsDataModule):
     dm.setup("fit")
     return (DataLoader(dm.train_dataset, batch_size=64, shuffle=False),

@@ -61,6 +61,13 @@ def test_prune_sensitivity_needs_and_uses_validation_data():
                       val_dataloader=DataLoader(data, batch_size=8),
                       sensitivity={"progress": False, "num_groups": 3})
     assert report.target_met and report.flops_reduction >= 0.2 - 1e-3
+    # every round is reported: trial accuracies of the eligible groups, the chosen ones and what they lost
+    steps = report.sensitivity_steps
+    assert steps and len(steps) == len(report.plan["events"])
+    for step in steps:
+        assert set(step["chosen"]) <= set(step["trials"]) and len(step["chosen"]) <= 3
+        assert all(0.0 <= trial["accuracy"] <= 1.0 for trial in step["trials"].values())
+    assert sum(n for step in steps for n in step["removed"].values()) == sum(report.removed.values())
 
 
 @pytest.mark.parametrize(
@@ -74,6 +81,7 @@ def test_prune_sensitivity_needs_and_uses_validation_data():
         (dict(criterion="taylor"), "dataloader"),
         (dict(round_to=0), "round_to"),
         (dict(amount=None, flops_reduction=1.5), "flops_reduction"),
+        (dict(amount=0.3, flops_reduction=0.5), "exactly one of amount"),
     ],
 )
 def test_bad_input_leaves_model_untouched(kwargs, match):
@@ -97,3 +105,38 @@ def test_untraceable_model_is_a_clear_error():
 
     with pytest.raises(lp.UnsupportedModelError, match="example_inputs"):
         lp.prune(Untraceable(), torch.randn(1, 3, 8, 8), amount=0.5)
+
+
+class FixedWidthReshape(torch.nn.Module):
+    """Like torchvision's ViT, ``forward`` reshapes with a width stored in an attribute, so removing ``stem``'s
+    channels breaks the model although Torch-Pruning maps the group; ``body`` is prunable."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.width = 8
+        self.body = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        n, _, h, w = x.shape
+        x = x.reshape(n, self.width, h * w).reshape(n, self.width, h, w)
+        return self.head(torch.relu(self.body(x)).mean((2, 3)))
+
+
+def test_groups_that_break_the_model_are_found_and_left_unpruned():
+    torch.manual_seed(0)
+    model, x = FixedWidthReshape().eval(), torch.randn(2, 3, 8, 8)
+    graph = lp.DependencyGraph(model, x)
+    assert {g.name for g in graph.groups} == {"stem", "body"}
+    before = copy.deepcopy(model.state_dict())
+    broken = graph.find_unprunable()
+    assert set(broken) == {"stem"} and "invalid for input" in broken["stem"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # probing works on a copy
+
+    with pytest.warns(UserWarning, match="stem: .*cannot be pruned|cannot be pruned.*stem"):
+        report = lp.prune(model, x, criterion="l1", amount=0.5)
+    assert model.stem.out_channels == 8 and model.body.out_channels == 8
+    assert report.widths_after == {"body": 8}
+    model.train()(x).sum().backward()

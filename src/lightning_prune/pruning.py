@@ -16,7 +16,7 @@ from torch import nn
 
 from . import criteria as criteria_module
 from .allocation import ALLOCATIONS, allocate
-from .errors import check_choice, check_fraction, check_positive_int
+from .errors import PruningError, check_choice, check_fraction, check_positive_int
 from .structure import (
     DependencyGraph,
     FlopsModel,
@@ -57,6 +57,9 @@ class PruneReport:
     target_met: bool
     plan: dict[str, Any] = field(repr=False, default_factory=dict)
     original_flops: int | None = None
+    #: with ``allocation="sensitivity"``, one entry per round: the baseline and per-group trial accuracies, the
+    #: chosen groups and the channels they lost.
+    sensitivity_steps: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     @property
     def flops_reduction(self) -> float:
@@ -199,6 +202,7 @@ def prune_event(
                             batch_fn=batch_fn, loss_fn=loss_fn, reduce_state=reduce_state)
 
     removed: dict[str, int] = {}
+    sensitivity_steps: list[dict[str, Any]] = []
 
     def apply(removals: dict[str, list[int]]) -> None:
         if not removals:
@@ -217,27 +221,35 @@ def prune_event(
         if evaluate is None:
             raise ValueError("allocation='sensitivity' needs validation data: pass val_dataloader (held out from "
                              "the training set, never the test set).")
-        allocator = SensitivityAllocator(**(sensitivity or {}))
+        options = dict(sensitivity or {})
+        # max_group_sparsity caps every allocation; for sensitivity it is a floor on the width fraction.
+        options["min_width_fraction"] = max(options.get("min_width_fraction", 0.125), 1.0 - max_group_sparsity)
+        allocator = SensitivityAllocator(**options)
         met = False
         while True:
-            groups = graph.groups
-            original = sum(g.original_size for g in groups)
             if target_kind == "channels":
                 met = graph.channel_sparsity() >= target - 1e-9
-            else:
-                met = FlopsModel(graph, example_inputs).total_measured <= original_flops * (1 - target)
+            flops_model = FlopsModel(graph, example_inputs)  # one fvcore trace per round, at the current widths
+            if target_kind == "flops":
+                met = flops_model.total_measured <= original_flops * (1 - target)
             if met:
                 break
-            flops_model = FlopsModel(graph, example_inputs)
             budget = None if target_kind == "channels" else flops_model.total_measured - original_flops * (1 - target)
             scores = score()
             step = allocator.step(graph, scores, evaluate, flops_model, flops_budget=budget)
             if not step:
                 break
             if target_kind == "channels":  # do not overshoot a channel target
+                original = sum(g.original_size for g in graph.groups)
                 budget = int(round((target - graph.channel_sparsity()) * original))
                 step = _trim(graph, step, scores, max(budget, 1))
-            apply(step)
+            try:
+                apply(step)
+            except PruningError:
+                if not exclude_breaking_groups(graph, step):
+                    raise
+                continue
+            sensitivity_steps.append(_step_record(allocator.last_step, step))
     else:
         def decide(scores: dict[str, torch.Tensor]) -> tuple[dict[str, list[int]], bool]:
             return choose_removals(
@@ -245,15 +257,22 @@ def prune_event(
                 max_group_sparsity=max_group_sparsity, flops_model=flops_model, original_flops=original_flops,
             )
 
+        if hasattr(criterion, "search") and evaluate is None:
+            raise ValueError("criterion 'blend' searches its weights on held-out data: pass val_dataloader "
+                             "(one-shot prune) or give the trainer a validation dataloader (callback).")
         scores = score()
-        removals, met = decide(scores)
-        if hasattr(criterion, "search"):  # Blend: evolve the calibration weights at this event's removal counts
-            if evaluate is None:
-                raise ValueError("criterion 'blend' searches its weights on held-out data: pass val_dataloader "
-                                 "(one-shot prune) or give the trainer a validation dataloader (callback).")
-            criterion.search(graph, evaluate, {name: len(ix) for name, ix in removals.items()})
-            removals, met = decide({g.name: criterion.score(g) for g in graph.groups})
-        apply(removals)
+        while True:
+            removals, met = decide(scores)
+            if hasattr(criterion, "search"):  # Blend: evolve the calibration weights at this event's removal counts
+                criterion.search(graph, evaluate, {name: len(ix) for name, ix in removals.items()})
+                removals, met = decide({g.name: criterion.score(g) for g in graph.groups})
+            try:
+                apply(removals)
+                break
+            except PruningError:
+                # Each retry excludes at least one group, so this ends.
+                if not exclude_breaking_groups(graph, removals):
+                    raise
 
     flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
     if target_kind == "flops":
@@ -269,8 +288,31 @@ def prune_event(
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
         original_widths=graph.original_widths(), removed=removed, seconds=time.perf_counter() - start,
         target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
-        original_flops=original_flops,
+        original_flops=original_flops, sensitivity_steps=sensitivity_steps,
     )
+
+
+def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int]]) -> bool:
+    """After a failed surgery: find the groups among ``removals`` whose removal alone breaks the model, take them
+    out of ``graph`` with a warning naming them and why, and return True; False when no single group is to blame
+    (then the failure stands)."""
+    broken = graph.find_unprunable(list(removals))
+    if not broken:
+        return False
+    graph.exclude(broken)
+    details = "; ".join(f"{name}: {reason}" for name, reason in broken.items())
+    warnings.warn(f"{len(broken)} channel group(s) cannot be pruned and are left at full width: {details}. "
+                  "The rest of the model is pruned (add them to ignore= to skip this check).", stacklevel=3)
+    return True
+
+
+def _step_record(step: Any, applied: dict[str, list[int]]) -> dict[str, Any]:
+    return {
+        "baseline": step.baseline,
+        "trials": {name: dict(trial) for name, trial in step.trials.items()},
+        "chosen": list(applied),
+        "removed": {name: len(indices) for name, indices in applied.items()},
+    }
 
 
 def _trim(graph: DependencyGraph, step: dict[str, list[int]], scores: dict[str, torch.Tensor],
@@ -292,7 +334,7 @@ def prune(
     model: nn.Module,
     example_inputs: Any,
     criterion: str | criteria_module.Criterion = "l2",
-    amount: float | None = 0.5,
+    amount: float | None = None,
     *,
     flops_reduction: float | None = None,
     allocation: str | None = None,
@@ -316,7 +358,8 @@ def prune(
         criterion: a name from :func:`lightning_prune.criteria.available` (``"l1"``, ``"l2"``, ``"fpgm"``,
             ``"taylor"``, ``"sd"``, ``"l1+variety"``...) or a :class:`~lightning_prune.criteria.Criterion`.
         amount: fraction of the prunable channels (summed over groups, counted on the original widths) to have
-            removed, in [0, 1). Give either ``amount`` or ``flops_reduction``.
+            removed, in [0, 1); 0.5 when neither ``amount`` nor ``flops_reduction`` is given (giving both is an
+            error).
         flops_reduction: fraction of fvcore FLOPs to remove instead, in (0, 1), e.g. 0.443.
         allocation: how many channels each group loses: ``"uniform"`` (the same fraction everywhere; alias
             ``"layerwise"``), ``"global"`` (one score threshold across groups) or ``"sensitivity"`` (paper 2's
@@ -328,7 +371,9 @@ def prune(
         scoring_batches: how many batches of ``dataloader`` data-driven criteria see (default: all).
         batch_fn: ``batch_fn(batch) -> (inputs, labels)`` when batches are not ``(x, y)``.
         val_dataloader: held-out batches for ``allocation="sensitivity"`` (never the test set).
-        sensitivity: keyword arguments of :class:`~lightning_prune.allocation.SensitivityAllocator`.
+        sensitivity: keyword arguments of :class:`~lightning_prune.allocation.SensitivityAllocator`
+            (``min_width_fraction`` is raised to ``1 - max_group_sparsity`` when that is stricter). The report's
+            ``sensitivity_steps`` hold what every round measured.
         plan: the plan of an already pruned model, so the new removal composes with it.
         **graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph` (``trace_mode``,
             ``build_timeout``, ``customized_pruners``...).
@@ -339,11 +384,11 @@ def prune(
 
     Every argument is checked before the model is touched; on any error the model is left exactly as it was.
     """
-    if (amount is None) == (flops_reduction is None):
-        if amount is not None:
-            amount = None  # flops_reduction given explicitly wins over the default amount
-        else:
-            raise ValueError("Give exactly one of amount (fraction of channels) or flops_reduction (fraction of FLOPs).")
+    if amount is not None and flops_reduction is not None:
+        raise ValueError("Give exactly one of amount (fraction of channels) or flops_reduction (fraction of FLOPs), "
+                         f"got amount={amount!r} and flops_reduction={flops_reduction!r}.")
+    if amount is None and flops_reduction is None:
+        amount = 0.5
     if amount is not None:
         target, target_kind = check_fraction("amount", amount), "channels"
     else:

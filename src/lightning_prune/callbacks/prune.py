@@ -49,7 +49,9 @@ class PruneCallback(Callback):
         example_input: input to trace with; default ``LightningModule.example_input_array``, else the first
             training batch.
         sensitivity: keyword arguments of :class:`~lightning_prune.allocation.SensitivityAllocator`; the
-            held-out batches come from the trainer's validation dataloader.
+            held-out batches come from the trainer's validation dataloader. ``max_group_sparsity`` applies here
+            too (as a floor on ``min_width_fraction``). Each event's report lists the rounds
+            (``reports[i]["sensitivity_steps"]``: trial accuracies per group, chosen groups).
         log_widths: also log every group's width as a scalar (``prune/width/<group>``).
         graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph`.
         verbose: print a summary per event (rank zero).
@@ -115,6 +117,8 @@ class PruneCallback(Callback):
         self.original_params: int | None = None
         self.example_shape: list[list[int]] | None = None
         self.reports: list[dict[str, Any]] = []
+        #: groups whose removal breaks the model (found at an event, then skipped): ``{group name: reason}``.
+        self.excluded_groups: dict[str, str] = {}
 
     @property
     def events(self) -> list[tuple[int, float]]:
@@ -202,6 +206,7 @@ class PruneCallback(Callback):
             "original_params": self.original_params,
             "example_shape": self.example_shape,
             "reports": list(self.reports),
+            "excluded_groups": dict(self.excluded_groups),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -211,6 +216,7 @@ class PruneCallback(Callback):
         self.original_params = state_dict.get("original_params")
         self.example_shape = state_dict.get("example_shape")
         self.reports = list(state_dict.get("reports", []))
+        self.excluded_groups = dict(state_dict.get("excluded_groups", {}))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # A copy outside the callback section, so load_pruned() works without knowing the callback's state key.
@@ -226,7 +232,8 @@ class PruneCallback(Callback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
         example = self._example_input(trainer, pl_module)
-        graph = DependencyGraph(pl_module, example, ignore=self.ignore, plan=self.plan, **self.graph_kwargs)
+        graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
+                                plan=self.plan, **self.graph_kwargs)
         if self.original_flops is None:
             self.original_flops = count_flops(pl_module, example)
             self.original_params = count_params(pl_module)
@@ -254,9 +261,17 @@ class PruneCallback(Callback):
         except InconsistentRanksError:
             raise
         except PruningError as error:
-            rank_zero_warn(f"Pruning at epoch {epoch} failed and was skipped; training continues on the unpruned "
-                           f"model. {error}")
+            self.excluded_groups.update(graph.excluded)
+            if graph.plan.checksum() == self.plan.checksum():
+                rank_zero_warn(f"Pruning at epoch {epoch} failed and was skipped; training continues on the model "
+                               f"as it was. {error}")
+                return
+            # Sensitivity rounds before the failing one were applied (each atomically): keep them on record.
+            rank_zero_warn(f"Pruning at epoch {epoch} stopped early; the rounds before the failure are kept. {error}")
+            distributed.rewrap(trainer, pl_module)
+            self.plan = graph.plan
             return
+        self.excluded_groups.update(graph.excluded)
         distributed.rewrap(trainer, pl_module)
         distributed.verify_same_plan(trainer, graph.plan)
         self.plan = graph.plan

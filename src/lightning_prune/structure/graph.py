@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import contextlib
+import copy
 
 import torch
 import torch_pruning as tp
@@ -390,6 +391,8 @@ class DependencyGraph:
         self._names = {module: name for name, module in model.named_modules()}
         self._order = {name: i for i, name in enumerate(self._names.values())}
         self.ignored = self._resolve_ignore(ignore)
+        #: groups taken out of ``groups`` by :meth:`exclude`, with the reason.
+        self.excluded: dict[str, str] = {}
         self._tp: tp.DependencyGraph | None = None
         self._frozen_nodes: set = set()
         self._groups: list[ChannelGroup] | None = None
@@ -745,6 +748,43 @@ class DependencyGraph:
 
     def original_widths(self) -> dict[str, int]:
         return {g.name: g.original_size for g in self.groups}
+
+    # -- groups Torch-Pruning maps but whose removal breaks the model -------------------------------------------
+    def find_unprunable(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """Groups whose physical removal breaks the model although Torch-Pruning maps them (e.g. ViT's
+        embedding width, which ``forward`` reshapes to a size stored in an attribute).
+
+        Each group (default: all) loses one channel position on a deep copy of the model, with the usual
+        forward checks; the groups whose surgery fails are returned as ``{name: reason}``. The model itself is
+        not touched. Costs one copy, one graph build, and per group one surgery and two forward passes (plus a
+        graph rebuild per failing group)."""
+        ignore_names = sorted({self._names[m] for m in self.ignored if m in self._names} - {""})
+        trial = DependencyGraph(
+            copy.deepcopy(self.model), self.example_inputs, ignore=ignore_names, trace_mode=self.trace_mode,
+            protect_outputs=self.protect_outputs, build_timeout=self.build_timeout,
+            max_build_memory_mb=self.max_build_memory_mb, plan=self.plan, customized_pruners=self.customized_pruners,
+            forward_fn=self.forward_fn,
+        )
+        wanted = [g.name for g in self.groups] if names is None else list(names)
+        broken: dict[str, str] = {}
+        for name in wanted:
+            group = next((g for g in trial.groups if g.name == name), None)
+            if group is None or group.size - group.divisions < group.min_size:
+                continue
+            try:
+                trial.prune_groups({name: group.expand_positions([0])})
+            except PruningError as error:
+                broken[name] = str(error).split(": ", 1)[-1]
+        return broken
+
+    def exclude(self, reasons: Mapping[str, str]) -> None:
+        """Take groups out of :attr:`groups` for good (as if their producers were in ``ignore``); ``reasons``
+        maps group names to why, kept in :attr:`excluded`."""
+        for name, reason in reasons.items():
+            module, _ = self.group(name)._root
+            self.ignored.update(module.modules())
+            self.excluded[name] = reason
+        self._groups = None
 
     def channel_sparsity(self) -> float:
         """Fraction of the prunable channels (summed over groups) removed so far."""
