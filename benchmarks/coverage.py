@@ -150,6 +150,8 @@ def _run_worker(name: str, tool: str, result_path: str, threads: int) -> None:
 
 def _prune_ours(model: Any, x: Any, save: Any) -> None:
     from lightning_prune import criteria
+    from lightning_prune.errors import PruningError
+    from lightning_prune.pruning import exclude_breaking_groups
     from lightning_prune.structure import DependencyGraph
 
     save(stage="build graph")
@@ -165,13 +167,22 @@ def _prune_ours(model: Any, x: Any, save: Any) -> None:
     save(stage="score + prune")
     start = time.perf_counter()
     l2 = criteria.get("l2")
-    removals = {}
-    for group in groups:
-        n = int(0.5 * group.size) // group.divisions * group.divisions
-        if n > 0:
-            removals[group.name] = group.lowest(l2.score(group), n)
-    graph.prune_groups(removals)
-    save(prune_s=time.perf_counter() - start, channel_sparsity=graph.channel_sparsity(), pruned_groups=len(removals))
+    while True:
+        removals = {}
+        for group in graph.groups:
+            n = int(0.5 * group.size) // group.divisions * group.divisions
+            if n > 0:
+                removals[group.name] = group.lowest(l2.score(group), n)
+        try:
+            graph.prune_groups(removals)
+            break
+        except PruningError:
+            # What prune() and PruneCallback do: find the groups whose removal breaks the model, leave them
+            # unpruned, prune the rest.
+            if not exclude_breaking_groups(graph, removals):
+                raise
+    save(prune_s=time.perf_counter() - start, channel_sparsity=graph.channel_sparsity(), pruned_groups=len(removals),
+         excluded=len(graph.excluded))
 
 
 def _prune_tp(model: Any, x: Any, save: Any) -> None:
@@ -380,7 +391,7 @@ def write_markdown(path: Path, models: list[str], results: dict[tuple[str, str],
                 f"`{m}`",
                 str(o.get("input_size", t.get("input_size", "–"))),
                 _status(ours),
-                str(o.get("groups", "–")),
+                str(o.get("groups", "–")) + (f" ({o['excluded']} left unpruned)" if o.get("excluded") else ""),
                 _fmt_s(_total_s(ours)),
                 _escape(o.get("forward", "–")),
                 f"{_fmt_m(before_p)} → {_fmt_m(o.get('params_after'))}{_ratio(o.get('params_after'), before_p)}",
@@ -395,7 +406,9 @@ def write_markdown(path: Path, models: list[str], results: dict[tuple[str, str],
     lines += [
         "",
         "`ours s`/`TP s`: graph build + scoring + pruning (for lightning-prune this includes the validation forward "
-        "passes `prune_groups` makes before returning). Percentages are relative to the unpruned model.",
+        "passes `prune_groups` makes before returning). Percentages are relative to the unpruned model. "
+        "\"left unpruned\": groups whose removal broke the model (found by `DependencyGraph.find_unprunable` after "
+        "the first surgery failed, as `prune()` and `PruneCallback` do); the other groups were pruned.",
         "",
     ]
     path.parent.mkdir(parents=True, exist_ok=True)

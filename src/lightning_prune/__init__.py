@@ -26,6 +26,7 @@ from .structure import (
     apply_plan,
     count_flops,
     count_params,
+    recalibrate_batchnorm,
     transplant_optimizer,
 )
 
@@ -50,5 +51,5 @@ __all__ = [
     "ChannelGroup", "DependencyGraph", "FlopsModel", "GraphBuildTimeout", "GroupMember", "InconsistentRanksError",
     "LightningPruneError", "PlanMismatchError", "PruneCallback", "PruneReport", "PruningError", "PruningPlan",
     "UnsupportedModelError", "apply_plan", "count_flops", "count_params", "load_pruned", "prune",
-    "transplant_optimizer", "__version__",
+    "recalibrate_batchnorm", "transplant_optimizer", "__version__",
 ]

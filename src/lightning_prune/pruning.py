@@ -6,6 +6,7 @@ calls it at scheduled epochs; :func:`prune` calls it once on a plain model.
 """
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from .structure import (
     SurgeryResult,
     count_flops,
     count_params,
+    recalibrate_batchnorm,
 )
 
 SCOPE_ALIASES = {"layerwise": "uniform", "local": "uniform", "uniform": "uniform", "global": "global",
@@ -179,13 +181,19 @@ def prune_event(
     on_surgery: Callable[[SurgeryResult], None] | None = None,
     before_surgery: Callable[[dict[str, list[int]]], None] | None = None,
     measure: bool = True,
+    recalibration_data: Iterable | None = None,
+    recalibrate_batches: int = 0,
+    world_size: int = 1,
     **event_info: Any,
 ) -> PruneReport:
     """Score, allocate and remove channels until ``target`` is reached. See :func:`prune` for the arguments.
 
     ``before_surgery(removals)`` may veto a surgery by raising (DDP checks that every rank agrees);
     ``on_surgery`` is called after every successful surgery (an optimizer transplant);
-    ``measure=False`` skips the fvcore counts (then the report's FLOPs are predictions)."""
+    ``measure=False`` skips the fvcore counts (then the report's FLOPs are predictions).
+    ``recalibration_data`` (training batches) feeds BatchNorm re-estimation: in sensitivity trials when the
+    allocator's ``recalibrate_batches`` > 0, and after the last surgery when ``recalibrate_batches`` > 0; under
+    DDP the statistics are averaged over ``world_size`` ranks with ``reduce_state``."""
     from .criteria.scoring import score_groups
 
     model, example_inputs = graph.model, graph.example_inputs
@@ -203,6 +211,26 @@ def prune_event(
 
     removed: dict[str, int] = {}
     sensitivity_steps: list[dict[str, Any]] = []
+
+    def recalibrator(num_batches: int) -> Callable[[], int]:
+        if recalibration_data is None:
+            raise ValueError("BatchNorm recalibration needs training batches: pass dataloader= (one-shot prune) or "
+                             "train with a train dataloader (callback).")
+        from .criteria.scoring import default_batch_fn
+
+        def inputs(batch: Any) -> Any:
+            return (batch_fn or default_batch_fn)(batch)[0]
+
+        # Read the batches once: trials re-estimate the statistics many times, and a DataLoader would start its
+        # workers (and shuffle anew) at every pass.
+        cached: list[Any] = []
+
+        def run() -> int:
+            if not cached:
+                cached.extend(itertools.islice(iter(recalibration_data), num_batches))
+            return recalibrate_batchnorm(model, cached, inputs_fn=inputs, reduce=reduce_state, world_size=world_size)
+
+        return run
 
     def apply(removals: dict[str, list[int]]) -> None:
         if not removals:
@@ -225,6 +253,7 @@ def prune_event(
         # max_group_sparsity caps every allocation; for sensitivity it is a floor on the width fraction.
         options["min_width_fraction"] = max(options.get("min_width_fraction", 0.125), 1.0 - max_group_sparsity)
         allocator = SensitivityAllocator(**options)
+        trial_recalibration = recalibrator(allocator.recalibrate_batches) if allocator.recalibrate_batches else None
         met = False
         while True:
             if target_kind == "channels":
@@ -236,7 +265,8 @@ def prune_event(
                 break
             budget = None if target_kind == "channels" else flops_model.total_measured - original_flops * (1 - target)
             scores = score()
-            step = allocator.step(graph, scores, evaluate, flops_model, flops_budget=budget)
+            step = allocator.step(graph, scores, evaluate, flops_model, flops_budget=budget,
+                                  recalibrate=trial_recalibration)
             if not step:
                 break
             if target_kind == "channels":  # do not overshoot a channel target
@@ -274,6 +304,8 @@ def prune_event(
                 if not exclude_breaking_groups(graph, removals):
                     raise
 
+    if recalibrate_batches and removed:
+        recalibrator(recalibrate_batches)()
     flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
     if target_kind == "flops":
         met = flops_after <= original_flops * (1 - target) * 1.001
@@ -347,6 +379,7 @@ def prune(
     batch_fn: Callable | None = None,
     val_dataloader: Iterable | None = None,
     sensitivity: dict[str, Any] | None = None,
+    recalibrate_batches: int = 0,
     plan: PruningPlan | dict | None = None,
     **graph_kwargs: Any,
 ) -> PruneReport:
@@ -373,7 +406,10 @@ def prune(
         val_dataloader: held-out batches for ``allocation="sensitivity"`` (never the test set).
         sensitivity: keyword arguments of :class:`~lightning_prune.allocation.SensitivityAllocator`
             (``min_width_fraction`` is raised to ``1 - max_group_sparsity`` when that is stricter). The report's
-            ``sensitivity_steps`` hold what every round measured.
+            ``sensitivity_steps`` hold what every round measured. ``{"recalibrate_batches": n}`` re-estimates
+            BatchNorm statistics on ``n`` batches of ``dataloader`` before every trial.
+        recalibrate_batches: after pruning, re-estimate BatchNorm statistics on this many batches of
+            ``dataloader`` (default 0: keep the stale ones; the weights are never changed).
         plan: the plan of an already pruned model, so the new removal composes with it.
         **graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph` (``trace_mode``,
             ``build_timeout``, ``customized_pruners``...).
@@ -400,6 +436,11 @@ def prune(
     if scoring_batches is not None:
         check_positive_int("scoring_batches", scoring_batches)
     criterion = criteria_module.get(criterion)
+    check_positive_int("recalibrate_batches", recalibrate_batches, minimum=0)
+    wants_recalibration = recalibrate_batches or (sensitivity or {}).get("recalibrate_batches")
+    if wants_recalibration and dataloader is None:
+        raise ValueError("recalibrate_batches re-estimates BatchNorm statistics on training batches: pass "
+                         "dataloader=.")
     if criterion.requires_data and dataloader is None:
         raise ValueError(
             f"criterion={getattr(criterion, 'name', criterion)!r} is data-driven: pass dataloader= (and optionally "
@@ -410,7 +451,8 @@ def prune(
     return prune_event(
         graph, criterion, target, target_kind=target_kind, allocation=allocation, round_to=round_to,
         max_group_sparsity=max_group_sparsity, dataloader=dataloader, scoring_batches=scoring_batches,
-        batch_fn=batch_fn, evaluate=evaluate, sensitivity=sensitivity, source="prune",
+        batch_fn=batch_fn, evaluate=evaluate, sensitivity=sensitivity, recalibration_data=dataloader,
+        recalibrate_batches=recalibrate_batches, source="prune",
     )
 
 

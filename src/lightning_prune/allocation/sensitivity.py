@@ -69,6 +69,10 @@ class SensitivityAllocator:
             original_size)`` channels (and at least ``min_size``) after losing ``k_l`` (default 0.125).
         num_groups: groups pruned per round (the authors' ``num_layers``; default 1).
         progress: show a tqdm progress bar over the trial groups.
+        recalibrate_batches: re-estimate BatchNorm statistics on this many training batches before the baseline
+            and before each trial (the ``recalibrate`` callable of :meth:`step`; default 0 = no, as in the
+            paper). Masked channels shift the inputs of the next BatchNorm; with stale statistics every trial of
+            a BatchNorm network can fall to chance accuracy and the ranking becomes noise. [design]
 
     Deterministic: groups are tried in module order and ties in accuracy are broken by group name. ``evaluate``
     must be deterministic too (fixed validation split, no augmentation); it is called in eval mode under
@@ -83,7 +87,7 @@ class SensitivityAllocator:
     """
 
     def __init__(self, prune_multiple: float = 0.8, min_width_fraction: float = 0.125, num_groups: int = 1,
-                 progress: bool = True):
+                 progress: bool = True, recalibrate_batches: int = 0):
         if isinstance(prune_multiple, bool) or not isinstance(prune_multiple, (int, float)) or prune_multiple <= 0:
             raise ValueError(f"prune_multiple must be a number > 0, got {prune_multiple!r}.")
         if (isinstance(min_width_fraction, bool) or not isinstance(min_width_fraction, (int, float))
@@ -95,6 +99,9 @@ class SensitivityAllocator:
         self.min_width_fraction = float(min_width_fraction)
         self.num_groups = num_groups
         self.progress = bool(progress)
+        if isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int) or recalibrate_batches < 0:
+            raise ValueError(f"recalibrate_batches must be an integer >= 0, got {recalibrate_batches!r}.")
+        self.recalibrate_batches = recalibrate_batches
         self.last_step: SensitivityStep | None = None
 
     # -- step b/c --------------------------------------------------------------------------------------------------
@@ -137,6 +144,7 @@ class SensitivityAllocator:
         flops_model: FlopsModel | None = None,
         *,
         flops_budget: float | None = None,
+        recalibrate: Callable[[], Any] | None = None,
     ) -> dict[str, list[int]]:
         """One analysis round: returns ``{group: indices to remove}`` for the ``num_groups`` least sensitive
         groups (empty when no group is eligible any more). Nothing is pruned; the model is left unchanged.
@@ -150,6 +158,9 @@ class SensitivityAllocator:
             flops_budget: optional FLOPs still to remove; the chosen groups' removals are trimmed (keeping the
                 lowest-scored channels) so that the predicted removal does not exceed the budget by more than
                 one ``divisions`` step of one group. Used by :meth:`plan_to_flops` to land on its target.
+            recalibrate: called (in the masked state) before the baseline and each trial is evaluated, e.g.
+                ``lambda: recalibrate_batchnorm(model, train_batches, num_batches=4)``; the BatchNorm statistics
+                are restored afterwards.
         """
         if flops_model is None:
             flops_model = FlopsModel(graph, graph.example_inputs)
@@ -169,9 +180,13 @@ class SensitivityAllocator:
         result = SensitivityStep(baseline=float("nan"))
         with preserved_state(model), torch.no_grad():
             model.eval()
+            if recalibrate is not None:
+                recalibrate()
             result.baseline = float(evaluate())
             for name in self._progress(list(trial_removals)):
                 with graph.masked({name: trial_removals[name]}):
+                    if recalibrate is not None:
+                        recalibrate()
                     accuracy = float(evaluate())
                 result.trials[name] = {"k": sizes[name], "delta_flops": float(flops_model.delta_per_channel(name)),
                                        "accuracy": accuracy}
@@ -223,6 +238,7 @@ class SensitivityAllocator:
         original_flops: float | None = None,
         max_steps: int | None = None,
         on_step: Callable[[SensitivityStep, DependencyGraph], None] | None = None,
+        recalibrate: Callable[[], Any] | None = None,
     ) -> SensitivityResult:
         """Prune ``graph.model`` in place, round after round, until the fvcore FLOPs reduction reaches
         ``flops_reduction``.
@@ -262,7 +278,8 @@ class SensitivityAllocator:
                 reached = False
                 message = f"max_steps={max_steps} rounds were not enough"
                 break
-            removals = self.step(graph, scores_fn(), evaluate, flops_model, flops_budget=current - target_flops)
+            removals = self.step(graph, scores_fn(), evaluate, flops_model, flops_budget=current - target_flops,
+                                 recalibrate=recalibrate)
             if not removals:
                 reached = False
                 message = "every group is at its minimum width (min_width_fraction)"

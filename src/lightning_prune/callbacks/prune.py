@@ -50,7 +50,8 @@ class PruneCallback(Callback):
             training batch.
         sensitivity: keyword arguments of :class:`~lightning_prune.allocation.SensitivityAllocator`; the
             held-out batches come from the trainer's validation dataloader. ``max_group_sparsity`` applies here
-            too (as a floor on ``min_width_fraction``). Each event's report lists the rounds
+            too (as a floor on ``min_width_fraction``). ``{"recalibrate_batches": n}`` re-estimates BatchNorm
+            statistics on ``n`` scoring batches before every trial (averaged over DDP ranks). Each event's report lists the rounds
             (``reports[i]["sensitivity_steps"]``: trial accuracies per group, chosen groups).
         log_widths: also log every group's width as a scalar (``prune/width/<group>``).
         graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph`.
@@ -244,6 +245,9 @@ class PruneCallback(Callback):
             for optimizer in trainer.optimizers:
                 transplant_optimizer(optimizer, result.replacements)
 
+        scoring_data = None
+        if self.criterion.requires_data or self.sensitivity.get("recalibrate_batches"):
+            scoring_data = distributed.shard_scoring_data(trainer, self._scoring_data(trainer), self.scoring_batches)
         evaluate = None
         if self.allocation == "sensitivity" or hasattr(self.criterion, "search"):
             evaluate = distributed.validation_accuracy(trainer, pl_module, self.batch_fn)
@@ -251,8 +255,8 @@ class PruneCallback(Callback):
             report = prune_event(
                 graph, self.criterion, target, target_kind=self.target_kind, allocation=self.allocation,
                 round_to=self.round_to, max_group_sparsity=self.max_group_sparsity,
-                dataloader=(distributed.shard_scoring_data(trainer, self._scoring_data(trainer), self.scoring_batches)
-                            if self.criterion.requires_data else None),
+                dataloader=scoring_data if self.criterion.requires_data else None,
+                recalibration_data=scoring_data, world_size=trainer.world_size,
                 scoring_batches=self.scoring_batches, batch_fn=self.batch_fn,
                 reduce_state=distributed.state_reducer(trainer), original_flops=self.original_flops,
                 evaluate=evaluate, sensitivity=self.sensitivity, on_surgery=after_surgery,
