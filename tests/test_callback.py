@@ -270,6 +270,8 @@ def test_fast_dev_run_prunes_once_at_epoch_zero(tmp_path):
         (dict(amount=0.5, schedule="weekly"), "schedule"),
         (dict(amount=0.5, ignore=["model.nothing"]), "ignore"),
         (dict(amount=0.5, scoring_batches=0), "scoring_batches"),
+        (dict(amount=0.5, allocation="sensitivity", sensitivity={"prune_multiplier": 2}),
+         r"sensitivity: unknown option\(s\) \['prune_multiplier'\]; accepted keys: prune_multiple"),
     ],
 )
 def test_bad_input_fails_before_training(tmp_path, kwargs, match):

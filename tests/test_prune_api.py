@@ -82,6 +82,8 @@ def test_prune_sensitivity_needs_and_uses_validation_data():
         (dict(round_to=0), "round_to"),
         (dict(amount=None, flops_reduction=1.5), "flops_reduction"),
         (dict(amount=0.3, flops_reduction=0.5), "exactly one of amount"),
+        (dict(allocation="sensitivity", sensitivity={"num_group": 2}), r"sensitivity: unknown option"),
+        (dict(recalibrate_batches=-1), "recalibrate_batches"),
     ],
 )
 def test_bad_input_leaves_model_untouched(kwargs, match):

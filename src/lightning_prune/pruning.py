@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import criteria as criteria_module
-from .allocation import ALLOCATIONS, allocate
+from .allocation import ALLOCATIONS, allocate, sensitivity_allocator
 from .errors import PruningError, check_choice, check_fraction, check_positive_int
 from .structure import (
     DependencyGraph,
@@ -244,15 +244,13 @@ def prune_event(
             on_surgery(result)
 
     if allocation == "sensitivity":
-        from .allocation import SensitivityAllocator
-
         if evaluate is None:
             raise ValueError("allocation='sensitivity' needs validation data: pass val_dataloader (held out from "
                              "the training set, never the test set).")
         options = dict(sensitivity or {})
         # max_group_sparsity caps every allocation; for sensitivity it is a floor on the width fraction.
         options["min_width_fraction"] = max(options.get("min_width_fraction", 0.125), 1.0 - max_group_sparsity)
-        allocator = SensitivityAllocator(**options)
+        allocator = sensitivity_allocator(options)
         trial_recalibration = recalibrator(allocator.recalibrate_batches) if allocator.recalibrate_batches else None
         met = False
         while True:
@@ -437,6 +435,7 @@ def prune(
         check_positive_int("scoring_batches", scoring_batches)
     criterion = criteria_module.get(criterion)
     check_positive_int("recalibrate_batches", recalibrate_batches, minimum=0)
+    sensitivity_allocator(sensitivity)  # unknown or invalid options fail here, before the model is touched
     wants_recalibration = recalibrate_batches or (sensitivity or {}).get("recalibrate_batches")
     if wants_recalibration and dataloader is None:
         raise ValueError("recalibrate_batches re-estimates BatchNorm statistics on training batches: pass "

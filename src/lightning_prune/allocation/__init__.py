@@ -5,6 +5,7 @@
 - :class:`SensitivityAllocator`: FLOP-normalized sensitivity analysis (paper 2), toward a FLOPs target.
 """
 from .core import ALLOCATIONS, allocate, round_width
-from .sensitivity import SensitivityAllocator, SensitivityResult, SensitivityStep
+from .sensitivity import SensitivityAllocator, SensitivityResult, SensitivityStep, sensitivity_allocator
 
-__all__ = ["ALLOCATIONS", "SensitivityAllocator", "SensitivityResult", "SensitivityStep", "allocate", "round_width"]
+__all__ = ["ALLOCATIONS", "SensitivityAllocator", "SensitivityResult", "SensitivityStep", "allocate", "round_width",
+           "sensitivity_allocator"]

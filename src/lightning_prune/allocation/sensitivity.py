@@ -17,6 +17,7 @@ optional ``on_step`` hook to fine-tune) until the measured fvcore FLOPs reductio
 """
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -307,3 +308,14 @@ class SensitivityAllocator:
         return SensitivityResult(reached=reached, target_reduction=float(flops_reduction), reduction=reduction,
                                  original_flops=float(original_flops), final_flops=final, steps=steps,
                                  removed=removed, message=message)
+
+
+def sensitivity_allocator(options: Mapping[str, Any] | None = None) -> SensitivityAllocator:
+    """A :class:`SensitivityAllocator` from a dict of its keyword arguments (what configs pass as
+    ``sensitivity:``); an unknown key is a ``ValueError`` naming it and the accepted ones."""
+    options = dict(options or {})
+    accepted = [name for name in inspect.signature(SensitivityAllocator.__init__).parameters if name != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"sensitivity: unknown option(s) {unknown}; accepted keys: {', '.join(accepted)}.")
+    return SensitivityAllocator(**options)

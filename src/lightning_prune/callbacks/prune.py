@@ -10,6 +10,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .. import criteria as criteria_module
 from ..errors import InconsistentRanksError, PruningError, check_choice, check_fraction, check_positive_int
+from ..allocation import sensitivity_allocator
 from ..pruning import prune_event, resolve_allocation
 from ..structure import DependencyGraph, PruningPlan, apply_plan, count_flops, count_params, transplant_optimizer
 from . import distributed
@@ -108,6 +109,7 @@ class PruneCallback(Callback):
         self.batch_fn = batch_fn
         self.example_input = example_input
         self.sensitivity = dict(sensitivity or {})
+        sensitivity_allocator(self.sensitivity)  # unknown or invalid options fail now, not mid-training
         self.log_widths = log_widths
         self.graph_kwargs = dict(graph_kwargs or {})
         self.verbose = verbose
