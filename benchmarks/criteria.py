@@ -41,7 +41,11 @@ from lightning_prune.structure import DependencyGraph, FlopsModel, count_flops, 
 BASE_CRITERIA = ["l1", "l2", "fpgm", "fermat", "bn_scale", "random", "taylor", "apoz", "activation_mean", "hrank",
                  "tt", "snr", "fdr", "sd"]
 BLEND_POOL = ["l1", "fpgm", "bn_scale", "taylor", "apoz", "sd"]
-ALL_CRITERIA = BASE_CRITERIA + [f"{c}+variety" for c in BASE_CRITERIA] + ["blend"]
+# "+variety(keep)": the variety step cut into as many clusters as channels are kept (paper 4's other option),
+# instead of the default distance threshold τ = 0.5.
+KEEP_VARIETY = ["l1", "l2", "fpgm", "taylor", "sd"]
+ALL_CRITERIA = (BASE_CRITERIA + [f"{c}+variety" for c in BASE_CRITERIA] + [f"{c}+variety(keep)" for c in KEEP_VARIETY]
+                + ["blend"])
 QUICK_RESNET_CRITERIA = ["l1", "taylor", "sd", "l1+variety", "blend"]
 MODELS = {"digits_cnn": 16, "resnet20": 32}  # model -> image size
 NUM_CLASSES = 10
@@ -151,7 +155,7 @@ def removal_counts(graph: DependencyGraph, flops: FlopsModel, target: float) -> 
     return counts(hi), reduction(hi)
 
 
-def build_criterion(name: str, quick: bool) -> Criterion:
+def build_criterion(name: str, quick: bool, keep_fraction: float = 0.5) -> Criterion:
     def base(n: str) -> Criterion:
         if n == "bn_scale":
             return BNScale(fallback="l1")  # the classifier's hidden Linear group has no BatchNorm
@@ -162,6 +166,8 @@ def build_criterion(name: str, quick: bool) -> Criterion:
     if name == "blend":
         return Blend([base(n) for n in BLEND_POOL], population=4 if quick else 20, generations=1 if quick else 10,
                      seed=0, progress=False)
+    if name.endswith("+variety(keep)"):
+        return Variety(base(name[: -len("+variety(keep)")]), n_clusters=keep_fraction)
     if name.endswith("+variety"):
         return Variety(base(name[: -len("+variety")]))
     return base(name)
@@ -182,7 +188,8 @@ def prune_and_tune(base_model, example, splits, criterion_name, target, args, se
     flops = FlopsModel(graph, example)
     before = count_flops(model, example)
     counts, _ = removal_counts(graph, flops, target)
-    criterion = build_criterion(criterion_name, args.quick)
+    keep_fraction = 1.0 - sum(counts.values()) / sum(g.size for g in graph.groups)
+    criterion = build_criterion(criterion_name, args.quick, keep_fraction)
     score_data = batches(*splits["train"], 64)
     start = time.perf_counter()
     scores = score_groups(model, graph.groups, criterion, score_data, scoring_batches=args.scoring_batches)

@@ -142,3 +142,11 @@ def test_groups_that_break_the_model_are_found_and_left_unpruned():
     assert model.stem.out_channels == 8 and model.body.out_channels == 8
     assert report.widths_after == {"body": 8}
     model.train()(x).sum().backward()
+
+
+def test_a_target_missed_because_of_round_to_says_so():
+    model, x = resnet20(), torch.randn(2, 3, 32, 32)
+    with pytest.warns(UserWarning, match=r"target 30.0% was reached only to .*rounded to multiples of round_to=8"):
+        report = lp.prune(model, x, criterion="l2", amount=0.3, round_to=8)
+    assert not report.target_met
+    assert all(width % 8 == 0 for width in report.widths_after.values())

@@ -7,6 +7,7 @@ calls it at scheduled epochs; :func:`prune` calls it once on a plain model.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -308,11 +309,8 @@ def prune_event(
     if target_kind == "flops":
         met = flops_after <= original_flops * (1 - target) * 1.001
     if not met:
-        warnings.warn(
-            f"The {target_kind} target {target:.1%} could not be met: every prunable group is at its minimum width "
-            f"(max_group_sparsity={max_group_sparsity}, round_to={round_to}).",
-            stacklevel=2,
-        )
+        warnings.warn(_unmet_target_message(graph, target, target_kind, flops_after, original_flops,
+                                            max_group_sparsity, round_to), stacklevel=2)
     return PruneReport(
         flops_before=flops_before, flops_after=flops_after, params_before=params_before,
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
@@ -320,6 +318,22 @@ def prune_event(
         target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
         original_flops=original_flops, sensitivity_steps=sensitivity_steps,
     )
+
+
+def _unmet_target_message(graph: DependencyGraph, target: float, target_kind: str, flops_after: int,
+                          original_flops: float, max_group_sparsity: float, round_to: int | None) -> str:
+    """Why a target was not reached: every group at its floor, or widths rounded to ``round_to``."""
+    reached = graph.channel_sparsity() if target_kind == "channels" else 1.0 - flops_after / original_flops
+    at_floor = all(
+        g.size - g.divisions < max(g.min_size, math.ceil(g.original_size * (1.0 - max_group_sparsity) - 1e-9))
+        for g in graph.groups
+    )
+    if at_floor or not round_to:
+        why = (f"every prunable group is at its minimum width (max_group_sparsity={max_group_sparsity}"
+               f"{f', round_to={round_to}' if round_to else ''})")
+    else:
+        why = f"widths are rounded to multiples of round_to={round_to} (round_to=None reaches it exactly)"
+    return f"The {target_kind} target {target:.1%} was reached only to {reached:.1%}: {why}."
 
 
 def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int]]) -> bool:
