@@ -57,6 +57,15 @@ def test_ddp_prunes_identically_with_data_driven_criterion(tmp_path, strategy):
         torch.testing.assert_close(reduced[key], union[key], rtol=1e-6, atol=1e-6, msg=key)
 
 
+def test_ddp_sensitivity_with_batchnorm_reestimation_agrees_across_ranks(tmp_path):
+    """Each rank re-estimates BatchNorm statistics on its own scoring shard; they are averaged over the ranks, so
+    every trial measures the same network everywhere and the ranks choose the same groups."""
+    out = tmp_path / "run"
+    result = run(out, "--criterion", "l1", "--sensitivity-bn")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert_identical_ranks(load_ranks(out))
+
+
 def test_ddp_resume_mid_schedule(tmp_path):
     first = run(tmp_path / "first", "--criterion", "taylor", "--stop-after", "1")
     assert first.returncode == 0, first.stderr[-5000:]

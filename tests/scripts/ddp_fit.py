@@ -89,6 +89,8 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--sync-batchnorm", action="store_true")
+    parser.add_argument("--sensitivity-bn", action="store_true",
+                        help="sensitivity allocation with BatchNorm re-estimation in every trial")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,8 +103,12 @@ def main() -> None:
         criterion = Random(seed=int(os.environ.get("LOCAL_RANK", "0")) + 1)
     else:
         criterion = args.criterion
+    extra = {}
+    if args.sensitivity_bn:
+        extra = dict(allocation="sensitivity",
+                     sensitivity={"recalibrate_batches": 2, "num_groups": 2, "prune_multiple": 2.0, "progress": False})
     prune = PruneCallback(amount=0.5, epochs=[1, 2], criterion=criterion, scoring_batches=scoring_batches,
-                          verbose=False)
+                          verbose=False, **extra)
     callbacks = [prune, RecordFirstEventState(prune, out), SaveRankResult(prune, out)]
     if not args.inconsistent and not args.resume:
         callbacks.insert(0, UnionStatistics(args.criterion, scoring_batches, out))
