@@ -58,7 +58,8 @@ ALL_CRITERIA = ["l1", "l2", "fpgm", "bn_scale", "taylor", "sd"]
 QUICK_CRITERIA = ["l1", "l2", "fpgm", "sd"]
 WEIGHT_CRITERIA = ("l1", "l2", "fpgm", "bn_scale")  # paper 1's "norm-based" family (BN-γ included)
 # "sensitivity+bn": the same, re-estimating BatchNorm statistics on 4 training batches before every trial.
-ALLOCATIONS = ("uniform", "global", "sensitivity", "sensitivity+bn")
+# "global+normalized": global allocation of "l1+normalized" scores (each group's L1 norms divided by their mean).
+ALLOCATIONS = ("uniform", "global", "global+normalized", "sensitivity", "sensitivity+bn")
 # CV of the filter norms when a layer's filters are i.i.d. Gaussian (CWDA), times sqrt(d):
 # L2: ||F||_2 ~ sigma*sqrt(d) with std sigma/sqrt(2); L1: mean sigma*d*sqrt(2/pi), std sigma*sqrt(d*(1-2/pi)).
 GAUSSIAN_CV_SQRT_D = {"l2": 1 / math.sqrt(2), "l1": math.sqrt(math.pi / 2 - 1)}
@@ -474,7 +475,8 @@ def prune_one(base, example, splits, allocation: str, args, seed: int) -> dict[s
             kwargs["sensitivity"]["recalibrate_batches"] = 4
             kwargs["dataloader"] = batches(*splits["train"], 64)
     t0 = time.perf_counter()
-    report = prune(model, example, criterion="l1", flops_reduction=args.flops_reduction,
+    criterion = "l1+normalized" if allocation == "global+normalized" else "l1"
+    report = prune(model, example, criterion=criterion, flops_reduction=args.flops_reduction,
                    allocation=allocation.split("+")[0], **kwargs)
     seconds = time.perf_counter() - t0
     flops_after = count_flops(model, example)
@@ -575,6 +577,7 @@ def main(argv: list[str] | None = None) -> str:
                         help="sensitivity groups pruned per round (paper: 1; default 2 to halve the rounds)")
     parser.add_argument("--min-width-fraction", type=float, default=0.125)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
     parser.add_argument("--out", type=Path, default=None, help="Markdown file")
     parser.add_argument("--artifacts", type=Path, default=None, help="directory for JSON and PNG files")
     args = parser.parse_args(argv)
@@ -629,7 +632,7 @@ def main(argv: list[str] | None = None) -> str:
         results: list[dict] = []
         for seed in args.seeds:
             base, _, _ = get_base(seed, splits, args, bases)
-            for allocation in ALLOCATIONS:
+            for allocation in args.allocations:
                 results.append(prune_one(base, example, splits, allocation, args, seed))
             sections["allocation"] = allocation_markdown(results, bases, args)
             args.artifacts.mkdir(parents=True, exist_ok=True)

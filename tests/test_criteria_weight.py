@@ -170,3 +170,36 @@ def test_coupled_scores_keep_the_criterion_scale():
     assert torch.equal(combined.argsort(), balanced.double().argsort())
     assert float(combined.abs().mean()) == pytest.approx(float(wide.abs().mean() + narrow.abs().mean()) / 2)
     assert torch.equal(combine_scores([wide]), wide.double())  # a single member keeps its raw scores
+
+
+def test_normalized_wrapper_makes_global_allocation_scale_free():
+    """Raw L1 norms grow with a filter's fan-in (at Kaiming init as √d), so one global threshold strips the
+    narrow-fan-in stage-1 groups first; ``+normalized`` divides each group's scores by their mean, which keeps
+    every ranking inside a group and spreads the global cut evenly."""
+    from lightning_prune.allocation import allocate
+    from lightning_prune.criteria import available, get
+    from lightning_prune.models import create_model
+    from lightning_prune.structure import DependencyGraph
+
+    torch.manual_seed(0)
+    model = create_model("resnet20", num_classes=10).eval()
+    graph = DependencyGraph(model, torch.randn(2, 3, 32, 32))
+    raw, normalized = get("l1"), get("l1+normalized")
+    assert "+normalized" in available() and normalized.name == "l1+normalized"
+    for group in graph.groups:
+        r, n = raw.score(group), normalized.score(group)
+        assert torch.equal(r.argsort(), n.argsort())
+        assert float(n.abs().mean()) == pytest.approx(1.0)
+
+    def pruned_fraction(criterion, stage: str) -> float:
+        scores = {g.name: criterion.score(g) for g in graph.groups}
+        removals = allocate(graph, scores, 0.3, allocation="global")
+        groups = [g for g in graph.groups if g.name.startswith(stage)]
+        return sum(len(removals.get(g.name, [])) for g in groups) / sum(g.size for g in groups)
+
+    assert pruned_fraction(raw, "layer1.") > 0.6 and pruned_fraction(raw, "layer3.") < 0.25
+    for stage in ("layer1.", "layer2.", "layer3."):
+        assert abs(pruned_fraction(normalized, stage) - 0.3) < 0.15
+
+    taylor = get("taylor+normalized")  # the data-driven protocol is forwarded to the base
+    assert taylor.requires_data and taylor.requires_gradients and not get("l1+normalized").requires_data

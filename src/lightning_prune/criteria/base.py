@@ -85,6 +85,53 @@ class Criterion:
         return f"{type(self).__name__}()"
 
 
+class WrappedCriterion(Criterion):
+    """A criterion that transforms the scores of ``base`` (``"<base>+<wrapper>"`` names): it forwards the
+    data-driven protocol (``requires_*``, ``reset``, ``observe``, ``state``, ``load_state``) to ``base``, so
+    wrapping a data-driven criterion scores like it does. Subclasses implement :meth:`transform`."""
+
+    suffix = "wrapped"
+
+    def __init__(self, base: "Criterion | str"):
+        super().__init__()
+        self.base = get(base)
+        self.name = f"{self.base.name}+{self.suffix}"
+        self.combine = self.base.combine
+
+    @property
+    def requires_data(self) -> bool:  # type: ignore[override]
+        return bool(self.base.requires_data)
+
+    @property
+    def requires_gradients(self) -> bool:  # type: ignore[override]
+        return bool(self.base.requires_gradients)
+
+    @property
+    def requires_labels(self) -> bool:  # type: ignore[override]
+        return bool(self.base.requires_labels)
+
+    def reset(self) -> None:
+        self.base.reset()
+
+    def observe(self, group, site, activation, gradient=None, labels=None) -> None:
+        self.base.observe(group, site, activation, gradient=gradient, labels=labels)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return self.base.state()
+
+    def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.base.load_state(state)
+
+    def score(self, group: ChannelGroup) -> torch.Tensor:
+        return self.transform(group, self.base.score(group).to(torch.float64))
+
+    def transform(self, group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.base!r})"
+
+
 def combine_scores(per_member: Sequence[torch.Tensor], mode: str = "mean") -> torch.Tensor:
     """Combine per-member channel scores (each ``[size]``) of one group into one score per channel.
 

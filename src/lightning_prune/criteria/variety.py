@@ -11,7 +11,7 @@ import torch
 from ..errors import check_choice
 from ..structure import ChannelGroup
 from .activation import per_channel
-from .base import Criterion, get, register
+from .base import Criterion, WrappedCriterion, register
 
 SIMILARITIES = ("weights", "activations")
 
@@ -81,7 +81,7 @@ def variety_transform(scores: torch.Tensor, labels: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(shifted, dtype=torch.float64, device=scores.device)
 
 
-class Variety(Criterion):
+class Variety(WrappedCriterion):
     """Wrap ``base`` so that removal focuses on redundant filters (paper 4).
 
     Per group: similarity of channels ``i, j`` = ``|cos|`` of their filters (:meth:`ChannelGroup.filters`, the
@@ -100,14 +100,15 @@ class Variety(Criterion):
             fraction of the group's width. With the fraction of channels to keep this is the paper's "as many
             clusters as channels to keep" option.
 
-    The data protocol (``requires_*``, ``reset``, ``observe``, ``state``, ``load_state``) is forwarded to
-    ``base``, so ``Variety(Taylor())`` scores like Taylor does.
+    The data protocol is forwarded to ``base`` (:class:`WrappedCriterion`), so ``Variety(Taylor())`` scores like
+    Taylor does.
     """
+
+    suffix = "variety"
 
     def __init__(self, base: Criterion | str, threshold: float = 0.5, similarity: str = "weights",
                  n_clusters: int | float | None = None):
-        super().__init__()
-        self.base = get(base)
+        super().__init__(base)
         check_choice("similarity", similarity, SIMILARITIES)
         if not 0.0 <= float(threshold) <= 1.0:
             raise ValueError(f"threshold must be in [0, 1] (a distance on 1 - |cos|), got {threshold!r}")
@@ -119,30 +120,20 @@ class Variety(Criterion):
         self.threshold = float(threshold)
         self.similarity = similarity
         self.n_clusters = n_clusters
-        self.name = f"{self.base.name}+variety"
-        self.combine = self.base.combine
         self._gram: dict[str, torch.Tensor] = {}
 
-    # -- forwarded data protocol ----------------------------------------------------------------------------------
+    # -- data protocol: the base's, plus feature-map Gram matrices for similarity="activations" ----------------
     @property
     def requires_data(self) -> bool:  # type: ignore[override]
         return bool(self.base.requires_data) or self.similarity == "activations"
 
-    @property
-    def requires_gradients(self) -> bool:  # type: ignore[override]
-        return bool(self.base.requires_gradients)
-
-    @property
-    def requires_labels(self) -> bool:  # type: ignore[override]
-        return bool(self.base.requires_labels)
-
     def reset(self) -> None:
-        self.base.reset()
+        super().reset()
         self._gram = {}
 
     def observe(self, group, site, activation, gradient=None, labels=None) -> None:
         if self.base.requires_data:
-            self.base.observe(group, site, activation, gradient=gradient, labels=labels)
+            super().observe(group, site, activation, gradient=gradient, labels=labels)
         if self.similarity == "activations":
             flat = per_channel(activation.detach().to(torch.float64))  # [N, size, M]
             gram = torch.einsum("nim,njm->ij", flat, flat)
@@ -150,13 +141,13 @@ class Variety(Criterion):
             self._gram[key] = gram if key not in self._gram else self._gram[key] + gram
 
     def state(self) -> dict[str, torch.Tensor]:
-        state = dict(self.base.state())
+        state = dict(super().state())
         state.update(self._gram)
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         self._gram = {k: v for k, v in state.items() if k.startswith("variety|")}
-        self.base.load_state({k: v for k, v in state.items() if not k.startswith("variety|")})
+        super().load_state({k: v for k, v in state.items() if not k.startswith("variety|")})
 
     # -- scoring --------------------------------------------------------------------------------------------------
     def labels(self, group: ChannelGroup) -> np.ndarray:
@@ -176,10 +167,9 @@ class Variety(Criterion):
             n_clusters = max(1, int(round(n_clusters * group.size)))
         return cluster_labels(distance, self.threshold, n_clusters)
 
-    def score(self, group: ChannelGroup) -> torch.Tensor:
-        scores = self.base.score(group)
+    def transform(self, group: ChannelGroup, scores: torch.Tensor) -> torch.Tensor:
         if group.size <= 1:
-            return scores.to(torch.float64)
+            return scores
         return variety_transform(scores, self.labels(group))
 
     def __repr__(self) -> str:
