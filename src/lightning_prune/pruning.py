@@ -7,7 +7,6 @@ calls it at scheduled epochs; :func:`prune` calls it once on a plain model.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from . import criteria as criteria_module
-from .allocation import ALLOCATIONS, allocate, sensitivity_allocator
+from .allocation import ALLOCATIONS, allocate, min_width, sensitivity_allocator
 from .errors import PruningError, check_choice, check_fraction, check_positive_int
 from .structure import (
     DependencyGraph,
@@ -324,10 +323,7 @@ def _unmet_target_message(graph: DependencyGraph, target: float, target_kind: st
                           original_flops: float, max_group_sparsity: float, round_to: int | None) -> str:
     """Why a target was not reached: every group at its floor, or widths rounded to ``round_to``."""
     reached = graph.channel_sparsity() if target_kind == "channels" else 1.0 - flops_after / original_flops
-    at_floor = all(
-        g.size - g.divisions < max(g.min_size, math.ceil(g.original_size * (1.0 - max_group_sparsity) - 1e-9))
-        for g in graph.groups
-    )
+    at_floor = all(g.size <= min_width(g, max_group_sparsity, round_to) for g in graph.groups)
     if at_floor or not round_to:
         why = (f"every prunable group is at its minimum width (max_group_sparsity={max_group_sparsity}"
                f"{f', round_to={round_to}' if round_to else ''})")

@@ -4,8 +4,8 @@
   score threshold over the whole network), toward a cumulative channel-sparsity target;
 - :class:`SensitivityAllocator`: FLOP-normalized sensitivity analysis (paper 2), toward a FLOPs target.
 """
-from .core import ALLOCATIONS, allocate, round_width
+from .core import ALLOCATIONS, allocate, min_width, round_width
 from .sensitivity import SensitivityAllocator, SensitivityResult, SensitivityStep, sensitivity_allocator
 
-__all__ = ["ALLOCATIONS", "SensitivityAllocator", "SensitivityResult", "SensitivityStep", "allocate", "round_width",
-           "sensitivity_allocator"]
+__all__ = ["ALLOCATIONS", "SensitivityAllocator", "SensitivityResult", "SensitivityStep", "allocate", "min_width",
+           "round_width", "sensitivity_allocator"]

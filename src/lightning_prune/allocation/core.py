@@ -106,6 +106,11 @@ def _floor_width(group: ChannelGroup, max_group_sparsity: float, step: int) -> i
     return int(rounded)
 
 
+def min_width(group: ChannelGroup, max_group_sparsity: float, round_to: int | None = None) -> int:
+    """The narrowest width uniform and global allocation leave ``group`` with."""
+    return _floor_width(group, max_group_sparsity, _step(round_to, group.divisions))
+
+
 def _nearest_admissible(group: ChannelGroup, width: int, step: int, floor: int) -> int:
     """Nearest to ``width`` among the multiples of ``step`` in ``[floor, size]`` and ``size`` itself (no removal);
     ties go to the wider. A group narrower than ``step`` keeps ``width`` (already a multiple of divisions)."""
