@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .initialization import kaiming_init
+
 __all__ = ["BasicBlock", "CifarResNet", "cifar_resnet", "resnet20", "resnet32", "resnet56", "resnet110"]
 
 
@@ -71,7 +73,7 @@ class CifarResNet(nn.Module):
         self.layer3 = self._make_stage(32, 64, blocks_per_stage, stride=2)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
-        _kaiming_init(self)
+        kaiming_init(self, linear=True)
 
     @staticmethod
     def _make_stage(in_planes: int, planes: int, num_blocks: int, stride: int) -> nn.Sequential:
@@ -84,18 +86,6 @@ class CifarResNet(nn.Module):
         x = self.layer3(self.layer2(self.layer1(x)))
         x = torch.flatten(self.avgpool(x), 1)
         return self.fc(x)
-
-
-def _kaiming_init(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Linear):
-            nn.init.kaiming_normal_(module.weight)
-            nn.init.zeros_(module.bias)
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> CifarResNet:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .initialization import kaiming_init
+
 __all__ = ["DigitsCNN", "digits_cnn"]
 
 
@@ -50,9 +52,7 @@ class DigitsCNN(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(64, num_classes),
         )
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        kaiming_init(self)  # BatchNorm is already at identity: only the convolutions change
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.pool(self.features(x)))

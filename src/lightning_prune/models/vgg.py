@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .initialization import kaiming_init
+
 __all__ = ["VGG16_CFG", "CifarVGG", "vgg16_bn"]
 
 VGG16_CFG: tuple[int | str, ...] = (
@@ -50,12 +52,7 @@ class CifarVGG(nn.Module):
             nn.ReLU(inplace=True),
             nn.Linear(512, num_classes),
         )
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, nn.BatchNorm2d):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
