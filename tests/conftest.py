@@ -1,6 +1,8 @@
 """Shared test set-up."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -12,3 +14,13 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+#: The two import names of Lightning; the callback must behave the same under both.
+LIGHTNING_NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
+
+
+@pytest.fixture(params=LIGHTNING_NAMESPACES)
+def lightning_ns(request):
+    """``pytorch_lightning`` or ``lightning.pytorch`` (the unified package): a test using it runs under both."""
+    return importlib.import_module(request.param)
