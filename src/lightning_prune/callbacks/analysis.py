@@ -119,9 +119,8 @@ class CriteriaAnalysis(pl.Callback):
         if figures:
             paths += report.save_figures(out, figures=figures)
         self.paths[epoch] = paths
-        from pytorch_lightning.loggers import TensorBoardLogger
+        from .interop import tensorboard_loggers
 
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                report.log_to_tensorboard(logger, step=int(trainer.global_step), figures=figures)
+        for logger in tensorboard_loggers(trainer):  # either Lightning namespace
+            report.log_to_tensorboard(logger, step=int(trainer.global_step), figures=figures)
         return report

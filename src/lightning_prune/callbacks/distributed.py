@@ -136,10 +136,11 @@ def shard_scoring_data(trainer: pl.Trainer, loader: Any, batches_per_rank: int) 
 
 
 def is_spawned_worker(trainer: pl.Trainer) -> bool:
-    from pytorch_lightning.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+    from .interop import is_lightning_instance
 
-    launcher = getattr(trainer.strategy, "launcher", None)
-    return isinstance(launcher, _MultiProcessingLauncher) and dist.is_available() and dist.is_initialized()
+    launcher = getattr(trainer.strategy, "launcher", None)  # either Lightning namespace
+    return (is_lightning_instance(launcher, "strategies.launchers.multiprocessing._MultiProcessingLauncher")
+            and dist.is_available() and dist.is_initialized())
 
 
 SPAWN_KEY_PREFIX = "lightning_prune_pruned_weights/"

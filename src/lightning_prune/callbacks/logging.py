@@ -1,11 +1,26 @@
-"""Logging pruning events to Lightning loggers (TensorBoard first, any logger works)."""
+"""Logging pruning events to Lightning loggers (TensorBoard first, any logger works, either namespace)."""
 from __future__ import annotations
 
 import pytorch_lightning as pl
-from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..pruning import PruneReport
+from .interop import tensorboard_loggers
+
+
+@rank_zero_only
+def log_baseline(trainer: pl.Trainer, flops: int, params: int, widths: dict[str, int], log_widths: bool) -> None:
+    """The dense model's point of the ``prune/*`` curves (no channel removed yet), at the current global step."""
+    metrics = {
+        "prune/flops": float(flops),
+        "prune/params": float(params),
+        "prune/flops_reduction": 0.0,
+        "prune/channel_sparsity": 0.0,
+    }
+    if log_widths:
+        metrics.update({f"prune/width/{name}": float(width) for name, width in widths.items()})
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 @rank_zero_only
@@ -26,7 +41,7 @@ def log_prune_event(trainer: pl.Trainer, report: PruneReport, epoch: int) -> Non
 @rank_zero_only
 def log_widths_figure(trainer: pl.Trainer, original: dict[str, int], current: dict[str, int], epoch: int) -> None:
     """A bar chart of every group's original and current width, to TensorBoard loggers."""
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    loggers = tensorboard_loggers(trainer)
     if not loggers:
         return
     figure = widths_figure(original, current, title=f"Channel widths after epoch-{epoch} pruning")

@@ -13,8 +13,8 @@ from ..errors import InconsistentRanksError, PruningError, check_choice, check_f
 from ..allocation import sensitivity_allocator
 from ..pruning import prune_event, resolve_allocation
 from ..structure import DependencyGraph, PruningPlan, apply_plan, count_flops, count_params, transplant_optimizer
-from . import distributed
-from .logging import log_prune_event, log_widths_figure
+from . import distributed, interop
+from .logging import log_baseline, log_prune_event, log_widths_figure
 from .schedule import SCHEDULES, build_schedule
 
 CHECKPOINT_KEY = "lightning_prune"
@@ -57,6 +57,9 @@ class PruneCallback(Callback):
         log_widths: also log every group's width as a scalar (``prune/width/<group>``).
         graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph`.
         verbose: print a summary per event (rank zero).
+        prune_frozen: also prune groups whose producers are all frozen (``requires_grad=False``); by default
+            they are left at full width (a warning at the start of fit names them). Pruned or not, every
+            parameter keeps its ``requires_grad``.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class PruneCallback(Callback):
         graph_kwargs: dict[str, Any] | None = None,
         verbose: bool = True,
         scope: str | None = None,
+        prune_frozen: bool = False,
     ):
         super().__init__()
         if (amount is None) == (flops_reduction is None):
@@ -113,6 +117,7 @@ class PruneCallback(Callback):
         self.log_widths = log_widths
         self.graph_kwargs = dict(graph_kwargs or {})
         self.verbose = verbose
+        self.prune_frozen = bool(prune_frozen)
         # State saved in checkpoints (plain data only: loads with torch.load(weights_only=True)).
         self.plan = PruningPlan()
         self.done_epochs: list[int] = []
@@ -136,6 +141,7 @@ class PruneCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         max_epochs = trainer.max_epochs
+        self._baseline_logged = self._baseline_pending = False
         self._events = list(self.schedule)
         if stage == "fit" and trainer.fast_dev_run and any(e > 0 for e, _ in self.schedule):
             # A dev run trains a single epoch; it should still exercise scoring, surgery and logging.
@@ -158,6 +164,8 @@ class PruneCallback(Callback):
                 hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
                 raise ValueError(f"ignore: {name!r} is not a module of {type(pl_module).__name__}; accepted values "
                                  f"are names from LightningModule.named_modules().{hint}")
+        interop.check_callbacks(trainer)
+        interop.check_compiled_forms(pl_module)
         if self.allocation == "sensitivity" and stage == "fit" and not self._has_val_data(trainer):
             raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
         # On resume, Lightning loads the weights before callbacks see their state: rebuild the pruned structure
@@ -195,7 +203,13 @@ class PruneCallback(Callback):
             if plan.is_empty() or shapes_match:
                 return
             example = _zeros_like_shapes(saved.get("example_shape"), module)
-            apply_plan(module, plan, example, **self.graph_kwargs)
+            with interop.eager_forward(module):
+                apply_plan(module, plan, example, **self.graph_kwargs)
+            # Weight averaging's copy is restored after the module: give it the pruned structure too.
+            for _, averaged in interop.averaged_copies(trainer):
+                with interop.eager_forward(averaged):
+                    apply_plan(averaged, plan, _to_device(example, next(averaged.parameters()).device),
+                               **self.graph_kwargs)
             self.plan = plan
 
         return hook
@@ -226,26 +240,74 @@ class PruneCallback(Callback):
         checkpoint[CHECKPOINT_KEY] = {"plan": self.plan.to_dict(), "example_shape": self.example_shape}
 
     # -- the schedule ------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        with interop.eager_forward(pl_module):
+            self._announce_frozen_groups(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         due = [(e, t) for e, t in self.events if e == epoch and e not in self.done_epochs]
-        if due:
-            self._prune(trainer, pl_module, due[0][1], epoch)
+        with interop.eager_forward(pl_module):  # torch.compile: trace and cut the original modules
+            self._log_dense_baseline(trainer, pl_module, event_due=bool(due))
+            if due:
+                self._prune(trainer, pl_module, due[0][1], epoch)
         self._log_state(trainer, pl_module)
+
+    def _announce_frozen_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Say once, before training, which groups are left unpruned because their producers are frozen."""
+        self._frozen_announced: list[str] | None = None
+        if self.prune_frozen or all(p.requires_grad for p in pl_module.parameters()):
+            return
+        example = self._example_input(trainer, pl_module)
+        graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
+                                plan=self.plan, **self.graph_kwargs)
+        self._frozen_announced = interop.frozen_groups(graph)
+        if self._frozen_announced:
+            rank_zero_warn(f"PruneCallback: groups {self._frozen_announced} are not pruned: all their producers are "
+                           "frozen (requires_grad=False). Pass prune_frozen=True to prune them (they stay frozen).")
+
+    def _skip_frozen_groups(self, graph: DependencyGraph) -> None:
+        if self.prune_frozen:
+            return
+        frozen = interop.frozen_groups(graph)
+        if frozen and frozen != getattr(self, "_frozen_announced", None):
+            rank_zero_warn(f"PruneCallback: groups {frozen} are not pruned at this event: all their producers are "
+                           "frozen (requires_grad=False); prune_frozen=True prunes them.")
+            self._frozen_announced = frozen
+        interop.skip_groups(graph, frozen)
+
+    def _log_dense_baseline(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event_due: bool) -> None:
+        """The unpruned model's point on every ``prune/*`` curve, before the first event (once per fit)."""
+        if getattr(self, "_baseline_logged", False) or self.reports or not self.plan.is_empty():
+            return
+        self._baseline_logged = True
+        if event_due:
+            self._baseline_pending = True  # the event's report carries the dense numbers; logged from _prune
+            return
+        example = self._example_input(trainer, pl_module)
+        graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
+                                plan=self.plan, **self.graph_kwargs)
+        self.original_flops = count_flops(pl_module, example)
+        self.original_params = count_params(pl_module)
+        log_baseline(trainer, self.original_flops, self.original_params, graph.widths(), self.log_widths)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
         example = self._example_input(trainer, pl_module)
         graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
                                 plan=self.plan, **self.graph_kwargs)
+        self._skip_frozen_groups(graph)
         if self.original_flops is None:
             self.original_flops = count_flops(pl_module, example)
             self.original_params = count_params(pl_module)
         self.criterion.reset()
         _give_num_classes(self.criterion, getattr(getattr(trainer, "datamodule", None), "num_classes", None))
 
+        copies = interop.CopySurgery(trainer, example, self.graph_kwargs)  # weight averaging's model copies
+
         def after_surgery(result) -> None:
             for optimizer in trainer.optimizers:
                 transplant_optimizer(optimizer, result.replacements)
+            copies(result.removed)
 
         scoring_data = None
         if self.criterion.requires_data or self.sensitivity.get("recalibrate_batches"):
@@ -286,6 +348,9 @@ class PruneCallback(Callback):
         summary.pop("plan", None)
         summary["epoch"] = epoch
         self.reports.append(summary)
+        if getattr(self, "_baseline_pending", False):  # the dense point of the curves, from this event's "before"
+            self._baseline_pending = False
+            log_baseline(trainer, report.flops_before, report.params_before, report.widths_before, self.log_widths)
         log_prune_event(trainer, report, epoch)
         if self.verbose:
             rank_zero_info(f"[lightning-prune] epoch {epoch}: pruning with {self._criterion_name()} "
@@ -398,6 +463,7 @@ def load_pruned(module_class: type[pl.LightningModule], checkpoint_path: str, *,
     saved = checkpoint.get(CHECKPOINT_KEY) or {}
     plan = PruningPlan.from_dict(saved.get("plan"))
     if not plan.is_empty():
-        apply_plan(module, plan, _zeros_like_shapes(saved.get("example_shape"), module))
+        with interop.eager_forward(module):  # a module that compiles its network in __init__
+            apply_plan(module, plan, _zeros_like_shapes(saved.get("example_shape"), module))
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module.eval()

@@ -75,6 +75,8 @@ class ParameterLineage:
 
         def recorded(pruner, weight, keep_idxs, pruning_dim):
             new = original(pruner, weight, keep_idxs, pruning_dim)
+            # Torch-Pruning builds a fresh nn.Parameter (requires_grad=True): a frozen parameter must stay frozen.
+            new.requires_grad_(weight.requires_grad)
             root, steps = lineage._origin.get(id(weight), (weight, []))
             kept = torch.as_tensor(list(keep_idxs), dtype=torch.long)
             lineage._origin[id(new)] = (root, steps + [(int(pruning_dim), kept)])
