@@ -1,4 +1,5 @@
-"""PruneCallback inside real Lightning fits on the scikit-learn digits (no download)."""
+"""PruneCallback inside real Lightning fits on the scikit-learn digits (no download), under both Lightning import
+names (``lightning_ns``: ``pytorch_lightning`` and ``lightning.pytorch``) with user-style modules of that namespace."""
 from __future__ import annotations
 
 import copy
@@ -11,33 +12,54 @@ from torch.utils.data import DataLoader
 
 from lightning_prune import PruningPlan, load_pruned
 from lightning_prune.callbacks import PruneCallback
-from lightning_prune.classification import ClassificationModule
 from lightning_prune.datamodules import DigitsDataModule
 
-IMAGE = 12
+from .lightning_modules import IMAGE, fit_data, module_class
+
+#: the namespace of the test being run (set by the autouse fixture below)
+NS: dict = {}
 
 
+@pytest.fixture(autouse=True)
+def namespace(lightning_ns):
+    NS["ns"] = lightning_ns
+    yield lightning_ns
+    NS.clear()
 
-def make_module(**kwargs) -> ClassificationModule:
-    options = dict(model="digits_cnn", num_classes=10, in_channels=1, lr=0.05, scheduler="cosine",
-                   example_input_shape=(1, IMAGE, IMAGE))
-    options.update(kwargs)
-    return ClassificationModule(**options)
+
+def make_module(**kwargs):
+    return module_class(NS["ns"])(**kwargs)
 
 
-def make_trainer(tmp_path, callbacks, max_epochs=4, logger=False, **kwargs) -> pl.Trainer:
-    return pl.Trainer(
+def make_trainer(tmp_path, callbacks, max_epochs=4, logger=False, **kwargs):
+    return NS["ns"].Trainer(
         accelerator="cpu", max_epochs=max_epochs, callbacks=callbacks, logger=logger,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=str(tmp_path), deterministic=True, **kwargs,
     )
 
 
-def datamodule() -> DigitsDataModule:
-    return DigitsDataModule(image_size=IMAGE, batch_size=64, seed=0)
+class Data(dict):
+    """``trainer.fit(module, **data)``: the datamodule under pytorch_lightning, its loaders under lightning.pytorch."""
 
 
-class Recorder(pl.Callback):
+def datamodule() -> Data:
+    dm = DigitsDataModule(image_size=IMAGE, batch_size=64, seed=0)
+    dm.setup("fit")
+    data = Data(fit_data(NS["ns"], dm))
+    data.dm = dm
+    return data
+
+
+def fit(trainer, module, data, **kwargs):
+    return trainer.fit(module, **data, **kwargs)
+
+
+def validate(trainer, module, data):
+    return trainer.validate(module, dataloaders=data.dm.val_dataloader(), verbose=False)
+
+
+class Recorder(pl.Callback):  # a pytorch_lightning Callback runs in either Trainer
     """Records parameter counts and the learning rate at every epoch end."""
 
     def __init__(self):
@@ -52,11 +74,11 @@ def test_fit_prunes_at_scheduled_epochs_and_logs(tmp_path):
     pl.seed_everything(0)
     recorder = Recorder()
     prune = PruneCallback(amount=0.5, epochs=[1, 2], criterion="l2")
-    logger = pl.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    logger = NS["ns"].loggers.TensorBoardLogger(str(tmp_path), name="tb")
     trainer = make_trainer(tmp_path, [prune, recorder], max_epochs=4, logger=logger)
     module = make_module()
     dm = datamodule()
-    trainer.fit(module, dm)
+    fit(trainer, module, dm)
 
     # Shapes shrink exactly at epochs 1 and 2 and nowhere else.
     p = recorder.params
@@ -66,7 +88,7 @@ def test_fit_prunes_at_scheduled_epochs_and_logs(tmp_path):
     assert flops[0] > flops[1]
     assert prune.reports[1]["channel_sparsity"] == pytest.approx(0.5, abs=0.05)
 
-    accuracy = trainer.validate(module, dm, verbose=False)[0]["val/acc"]
+    accuracy = validate(trainer, module, dm)[0]["val/acc"]
     assert accuracy > 0.6  # chance is 0.1
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -76,7 +98,13 @@ def test_fit_prunes_at_scheduled_epochs_and_logs(tmp_path):
     tags = events.Tags()["scalars"]
     for tag in ("prune/flops", "prune/params", "prune/flops_reduction", "prune/channel_sparsity"):
         assert tag in tags, tags
-    assert len(events.Scalars("prune/flops")) >= 3  # one point per epoch since the first event
+    flops_curve = events.Scalars("prune/flops")
+    assert len(flops_curve) >= 4  # the dense baseline, then one point per epoch since the first event
+    # The curves start at the dense model, logged before any training step.
+    assert flops_curve[0].step == 0 and flops_curve[0].value == prune.original_flops > flops_curve[-1].value
+    assert events.Scalars("prune/channel_sparsity")[0].value == 0.0
+    first_width = next(tag for tag in tags if tag.startswith("prune/width/"))
+    assert events.Scalars(first_width)[0].value == prune.reports[0]["original_widths"][first_width[12:]]
     assert any(tag.startswith("prune/width/") for tag in tags)
     assert "prune/widths" in events.Tags()["images"]
 
@@ -96,7 +124,7 @@ def test_optimizer_momentum_survives_and_lr_schedule_is_unchanged(tmp_path):
     prune = PruneCallback(amount=0.5, epochs=[1], criterion="l1")
     recorder = Recorder()
     pl.seed_everything(0)
-    make_trainer(tmp_path, [before, prune, after, recorder], max_epochs=3).fit(make_module(), datamodule())
+    make_trainer(tmp_path, [before, prune, after, recorder], max_epochs=3).fit(make_module(), **datamodule())
 
     kept = torch.tensor(prune.plan.groups["model.features.0"].kept)
     (old_weight, old_momentum), (new_weight, new_momentum) = before.snapshots[0], after.snapshots[0]
@@ -107,7 +135,7 @@ def test_optimizer_momentum_survives_and_lr_schedule_is_unchanged(tmp_path):
 
     unpruned = Recorder()
     pl.seed_everything(0)
-    make_trainer(tmp_path, [unpruned], max_epochs=3).fit(make_module(), datamodule())
+    make_trainer(tmp_path, [unpruned], max_epochs=3).fit(make_module(), **datamodule())
     assert recorder.lrs == pytest.approx(unpruned.lrs)
 
 
@@ -127,7 +155,7 @@ def test_bf16_clipping_accumulation_and_adamw_keep_working(tmp_path):
     module = make_module(optimizer="adamw", lr=3e-3)
     trainer = make_trainer(tmp_path, [prune, spy, recorder], max_epochs=3, precision="bf16-mixed",
                            gradient_clip_val=0.5, accumulate_grad_batches=2)
-    trainer.fit(module, datamodule())
+    fit(trainer, module, datamodule())
 
     assert prune.done_epochs == [1] and recorder.params[0] > recorder.params[1]
     assert all(math.isfinite(loss) for loss in spy.losses)
@@ -137,7 +165,7 @@ def test_bf16_clipping_accumulation_and_adamw_keep_working(tmp_path):
     for p in module.parameters():
         state = optimizer.state[p]
         assert state["exp_avg"].shape == p.shape == state["exp_avg_sq"].shape
-    assert trainer.validate(module, datamodule(), verbose=False)[0]["val/acc"] > 0.3  # chance is 0.1
+    assert validate(trainer, module, datamodule())[0]["val/acc"] > 0.3  # chance is 0.1
 
 
 class FixedWidthNet(torch.nn.Module):
@@ -166,7 +194,7 @@ def test_unprunable_groups_are_found_once_and_kept_across_events_and_checkpoints
     prune = PruneCallback(amount=0.5, epochs=[0, 1], criterion="l1", schedule="iterative")
     module = make_module(model="fixed_width_net")
     with pytest.warns(UserWarning, match="cannot be pruned") as caught:
-        make_trainer(tmp_path, [prune], max_epochs=2).fit(module, datamodule())
+        make_trainer(tmp_path, [prune], max_epochs=2).fit(module, **datamodule())
     assert sum("cannot be pruned" in str(w.message) for w in caught) == 1  # the second event skips the probe
     assert set(prune.excluded_groups) == {"model.stem"}
     assert prune.done_epochs == [0, 1]
@@ -184,7 +212,7 @@ def ordered_loaders(dm: DigitsDataModule):
 
 def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path):
     dm = datamodule()
-    train, val = ordered_loaders(dm)
+    train, val = ordered_loaders(dm.dm)
 
     def callback():
         return PruneCallback(amount=0.5, epochs=[1, 2], criterion="l2", verbose=False)
@@ -223,14 +251,14 @@ def test_load_pruned_and_weights_only_checkpoint(tmp_path):
     pl.seed_everything(0)
     module = make_module()
     trainer = make_trainer(tmp_path, [PruneCallback(amount=0.4, epochs=[0], criterion="l2")], max_epochs=1)
-    trainer.fit(module, datamodule())
+    fit(trainer, module, datamodule())
     path = tmp_path / "pruned.ckpt"
     trainer.save_checkpoint(path)
 
     raw = torch.load(path, weights_only=True)  # no pickled objects of ours
     assert PruningPlan.from_dict(raw["lightning_prune"]["plan"]).removed_channels() > 0
 
-    loaded = load_pruned(ClassificationModule, str(path))
+    loaded = load_pruned(module_class(NS["ns"]), str(path))
     x = torch.randn(4, 1, IMAGE, IMAGE)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), module.eval()(x))
@@ -242,7 +270,7 @@ def test_load_pruned_and_weights_only_checkpoint(tmp_path):
     cli_path = tmp_path / "cli.ckpt"
     torch.save(raw, cli_path)
     with torch.no_grad():
-        torch.testing.assert_close(load_pruned(ClassificationModule, str(cli_path))(x), module(x))
+        torch.testing.assert_close(load_pruned(module_class(NS["ns"]), str(cli_path))(x), module(x))
 
 
 def test_fast_dev_run_prunes_once_at_epoch_zero(tmp_path):
@@ -251,7 +279,7 @@ def test_fast_dev_run_prunes_once_at_epoch_zero(tmp_path):
     before = sum(p.numel() for p in module.parameters())
     trainer = make_trainer(tmp_path, [prune], fast_dev_run=2)
     with pytest.warns(UserWarning, match="fast_dev_run"):
-        trainer.fit(module, datamodule())
+        fit(trainer, module, datamodule())
     assert prune.done_epochs == [0]
     assert prune.reports[-1]["channel_sparsity"] == pytest.approx(0.5, abs=0.05)
     assert sum(p.numel() for p in module.parameters()) < before
@@ -279,7 +307,7 @@ def test_bad_input_fails_before_training(tmp_path, kwargs, match):
     before = copy.deepcopy(module.state_dict())
     with pytest.raises(ValueError, match=match):
         callback = PruneCallback(**kwargs)
-        make_trainer(tmp_path, [callback], max_epochs=3).fit(module, datamodule())
+        make_trainer(tmp_path, [callback], max_epochs=3).fit(module, **datamodule())
     after = module.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # no training step happened
 
@@ -287,7 +315,7 @@ def test_bad_input_fails_before_training(tmp_path, kwargs, match):
 def test_flops_target_is_reached(tmp_path):
     pl.seed_everything(0)
     prune = PruneCallback(flops_reduction=0.6, schedule="agp", start_epoch=0, steps=2, criterion="l1", verbose=False)
-    make_trainer(tmp_path, [prune], max_epochs=2).fit(make_module(), datamodule())
+    make_trainer(tmp_path, [prune], max_epochs=2).fit(make_module(), **datamodule())
     assert prune.reports[0]["flops_reduction"] < prune.reports[1]["flops_reduction"]
     assert prune.reports[-1]["flops_reduction"] >= 0.6 - 1e-3
     assert prune.reports[-1]["target_met"]
