@@ -28,6 +28,7 @@ from ..errors import PruningError, UnsupportedModelError, check_choice
 from .plan import PruningPlan
 from .surgery import ModelSnapshot, ParameterLineage, Slicing
 from .tracing import (
+    all_requiring_grad,
     batch_of_at_least,
     call_model,
     output_shapes,
@@ -467,7 +468,8 @@ class DependencyGraph:
             return self._forward(model, x)
 
         self._frozen_nodes = set()
-        with preserved_state(self.model), torch.enable_grad(), _tolerant_index_mapping(self._frozen_nodes):
+        with preserved_state(self.model), torch.enable_grad(), all_requiring_grad(self.model), \
+                _tolerant_index_mapping(self._frozen_nodes):
             try:
                 graph.build_dependency(
                     self.model,

@@ -122,6 +122,21 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda_rng)
 
 
+@contextlib.contextmanager
+def all_requiring_grad(model: nn.Module) -> Iterator[None]:
+    """Let every parameter require grad inside the block, then restore each flag. Torch-Pruning follows autograd's
+    ``grad_fn`` graph: a frozen leading layer (input and weights without grad) leaves no ``grad_fn`` and would be
+    invisible to the tracer, and its channels silently unprunable."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    try:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        yield
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+
+
 def batch_of_at_least(example_inputs: Any, minimum: int = 2) -> Any:
     """Repeat batch-1 tensors so train-mode BatchNorm accepts them (it needs more than one value per channel)."""
     if isinstance(example_inputs, torch.Tensor):
