@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import os
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -89,6 +91,8 @@ def main() -> None:
     parser.add_argument("--stop-after", type=int, default=None)
     parser.add_argument("--resume", default=None)
     parser.add_argument("--sync-batchnorm", action="store_true")
+    parser.add_argument("--namespace", default="pytorch_lightning", choices=["pytorch_lightning", "lightning.pytorch"],
+                        help="Lightning import name; lightning.pytorch runs a user-style module of that namespace")
     parser.add_argument("--sensitivity-bn", action="store_true",
                         help="sensitivity allocation with BatchNorm re-estimation in every trial")
     args = parser.parse_args()
@@ -110,18 +114,28 @@ def main() -> None:
     prune = PruneCallback(amount=0.5, epochs=[1, 2], criterion=criterion, scoring_batches=scoring_batches,
                           verbose=False, **extra)
     callbacks = [prune, RecordFirstEventState(prune, out), SaveRankResult(prune, out)]
-    if not args.inconsistent and not args.resume:
+    if not args.inconsistent and not args.resume and args.namespace == "pytorch_lightning":
         callbacks.insert(0, UnionStatistics(args.criterion, scoring_batches, out))
     if args.stop_after is not None:
         callbacks.append(StopAfterEpoch(args.stop_after))
-    module = ClassificationModule(model="digits_cnn", num_classes=10, in_channels=1, lr=0.05,
-                                  example_input_shape=(1, IMAGE, IMAGE))
-    trainer = pl.Trainer(
+    dm = DigitsDataModule(image_size=IMAGE, batch_size=32, seed=0)
+    if args.namespace == "pytorch_lightning":
+        module = ClassificationModule(model="digits_cnn", num_classes=10, in_channels=1, lr=0.05,
+                                      example_input_shape=(1, IMAGE, IMAGE))
+        data = {"datamodule": dm}
+    else:  # a lightning.pytorch Trainer takes only lightning.pytorch modules (and datamodules)
+        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+        from tests.lightning_modules import fit_data, module_class
+
+        module = module_class(args.namespace)()
+        dm.setup("fit")
+        data = fit_data(args.namespace, dm)
+    trainer = importlib.import_module(args.namespace).Trainer(
         accelerator="cpu", devices=2, strategy=args.strategy, max_epochs=4, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         sync_batchnorm=args.sync_batchnorm, default_root_dir=str(out), limit_train_batches=6, limit_val_batches=2,
     )
-    trainer.fit(module, DigitsDataModule(image_size=IMAGE, batch_size=32, seed=0), ckpt_path=args.resume)
+    trainer.fit(module, **data, ckpt_path=args.resume)
     if args.stop_after is not None:
         trainer.save_checkpoint(out / "mid.ckpt")
 
