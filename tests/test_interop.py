@@ -262,3 +262,37 @@ def test_widths_figure_and_criteria_analysis_go_to_tensorboard_of_either_namespa
     assert any(tag.startswith("analysis/") or "criteria" in tag for tag in events.Tags()["scalars"]), \
         events.Tags()["scalars"]
     assert events.Scalars("prune/flops")[0].value == prune.original_flops  # the dense baseline at step 0
+
+
+class StopAfter(pl.Callback):
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+def test_resume_with_weight_averaging_rebuilds_the_averaged_copy(lightning_ns, tmp_path):
+    """Resuming after an event: the module and EMA's averaged copy both get the pruned structure before their
+    weights are loaded, and the averaged weights are the checkpoint's."""
+    ema = lightning_ns.callbacks.EMAWeightAveraging(decay=0.9)
+    prune = PruneCallback(amount=0.5, epochs=[1], criterion="l1", verbose=False)
+    trainer, _ = run(lightning_ns, tmp_path / "a", [ema, prune, StopAfter(1)], max_epochs=3)
+    path = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["state_dict"]  # WeightAveraging saves the average here
+
+    class CheckAverage(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            (_, copy), = averaged_copies(trainer)
+            self.first = copy.get_submodule(FIRST).weight.detach().clone()
+
+    check, ema, prune = CheckAverage(), lightning_ns.callbacks.EMAWeightAveraging(decay=0.9), PruneCallback(
+        amount=0.5, epochs=[1], criterion="l1", verbose=False)
+    pl.seed_everything(0)
+    module = module_class(lightning_ns)()
+    trainer_for(lightning_ns, tmp_path / "b", [ema, prune, check], max_epochs=3).fit(
+        module, **fit_data(lightning_ns, digits()), ckpt_path=str(path))
+    torch.testing.assert_close(check.first, saved[FIRST + ".weight"], rtol=0, atol=0)
+    assert prune.done_epochs == [1] and module.get_submodule(FIRST).out_channels == 8
