@@ -253,3 +253,28 @@ def test_checks_leave_rng_batchnorm_and_modes_untouched(tmp_path):
     assert torch.equal(rng_before, rng_after)  # the shuffling sampler's seed came from a forked generator
     assert modes_before == modes_after
     assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
+
+
+# -- DDP: one rank's failure stops every rank before training --------------------------------------------------
+def test_a_check_failing_on_one_rank_stops_all_ranks_before_training(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent / "scripts" / "ddp_preflight.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.pop("LOCAL_RANK", None)
+    # Without agreement rank 0 trains on: it dies on a closed gloo connection with no word of the cause (measured),
+    # or waits on rank 1's gradients (NCCL).
+    try:
+        result = subprocess.run([sys.executable, str(script), "--out", str(tmp_path / "run")], capture_output=True,
+                                text=True, timeout=180, env=env, cwd=str(tmp_path))
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"ranks desynchronised (hang)\n{error.stdout}\n{error.stderr}")
+    reports = {r: (tmp_path / "run" / f"rank{r}.txt") for r in (0, 1)}
+    assert all(p.is_file() for p in reports.values()), result.stdout[-3000:] + result.stderr[-3000:]
+    zero, one = (reports[r].read_text().splitlines() for r in (0, 1))
+    assert zero[0] == one[0] == "0"  # no training batch on either rank
+    assert "batch_fn: rank-local failure" in one[1]
+    assert zero[1].startswith("rank 1: PreflightError: batch_fn: rank-local failure")
