@@ -158,6 +158,29 @@ def test_analyze_data_driven_criterion_uses_the_config_data(quickstart, tmp_path
         main(["analyze", "--checkpoint", checkpoint, "--criteria", "sd", "--out", str(out)])
 
 
+def test_analysis_module_command_reads_the_pruned_quickstart_checkpoint(quickstart, tmp_path, capsys):
+    """The README's ``python -m lightning_prune.analysis --checkpoint .../pruned.ckpt --out a/``: the plan's groups
+    are named on the LightningModule (``model.features.0``), the network analysed is its bare ``model``."""
+    from lightning_prune.analysis import AnalysisReport
+    from lightning_prune.analysis.__main__ import main as analysis_main
+
+    _, output = quickstart
+    checkpoint = re.search(r"pruned checkpoint: (\S+)", output).group(1)
+    assert all(name.startswith("model.") for name in torch.load(checkpoint, weights_only=True)
+               ["lightning_prune"]["plan"]["groups"])
+    out = tmp_path / "a"
+    assert analysis_main(["--checkpoint", checkpoint, "--criteria", "l1", "l2", "--out", str(out),
+                          "--no-figures"]) == 0
+    report = AnalysisReport.from_json(out / "report.json")
+    network = load_pruned(ClassificationModule, checkpoint).model
+    conv = network.features[0]
+    assert conv.out_channels < ClassificationModule(**torch.load(checkpoint, weights_only=True)
+                                                    ["hyper_parameters"]).model.features[0].out_channels
+    # the scores are those of the pruned, trained weights
+    expected = conv.weight.detach().reshape(conv.out_channels, -1).norm(dim=1).double()
+    assert report.scores["l2"]["features.0"] == pytest.approx(expected.tolist())
+
+
 def test_export_onnx_and_torchscript_match_pytorch(quickstart, tmp_path, capsys):
     _, output = quickstart
     checkpoint = re.search(r"pruned checkpoint: (\S+)", output).group(1)

@@ -42,14 +42,27 @@ def _find_plan(obj: Any, depth: int = 0) -> dict | None:
     return None
 
 
+MODULE_PREFIX = "model."
+
+
 def _state_dict(checkpoint: Any) -> dict[str, torch.Tensor]:
     """The network's weights: a Lightning checkpoint's ``state_dict`` with the LightningModule's ``model.``
     prefix stripped, or a plain state dict as is."""
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SystemExit("checkpoint: expected a state dict or a Lightning checkpoint with a 'state_dict' entry.")
-    stripped = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    stripped = {k[len(MODULE_PREFIX):]: v for k, v in state.items() if k.startswith(MODULE_PREFIX)}
     return stripped if stripped else dict(state)
+
+
+def _strip_plan_prefix(plan: dict) -> dict:
+    """A plan recorded on the LightningModule names its groups ``model.<layer>``; the network analysed here is
+    the bare ``model`` (its state dict loses the same prefix in :func:`_state_dict`), so its group names lose it
+    too. A plan of a bare network is returned as is."""
+    groups = plan.get("groups") or {}
+    if not groups or not all(name.startswith(MODULE_PREFIX) for name in groups):
+        return plan
+    return {**plan, "groups": {name[len(MODULE_PREFIX):]: entry for name, entry in groups.items()}}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -104,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     graph = None
     plan = json.loads(args.plan.read_text()) if args.plan else (_find_plan(checkpoint) if checkpoint else None)
     if plan is not None and not PruningPlan.from_dict(plan).is_empty():
-        graph = apply_plan(model, plan, example)
+        graph = apply_plan(model, _strip_plan_prefix(plan), example)
     if checkpoint is not None:
         try:
             model.load_state_dict(_state_dict(checkpoint))

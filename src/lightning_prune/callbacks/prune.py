@@ -13,7 +13,7 @@ from ..errors import InconsistentRanksError, PruningError, check_choice, check_f
 from ..allocation import sensitivity_allocator
 from ..pruning import prune_event, resolve_allocation
 from ..structure import DependencyGraph, PruningPlan, apply_plan, count_flops, count_params, transplant_optimizer
-from . import distributed, interop
+from . import distributed, interop, preflight
 from .logging import log_baseline, log_prune_event, log_widths_figure
 from .schedule import SCHEDULES, build_schedule
 
@@ -100,7 +100,7 @@ class PruneCallback(Callback):
         check_choice("schedule", schedule, SCHEDULES)
         check_positive_int("steps", steps)
         self.allocation = resolve_allocation(allocation, scope)
-        self.criterion = criteria_module.get(criterion, **(criterion_kwargs or {}))
+        self.criterion = preflight.build_criterion(criterion, criterion_kwargs)
         self.schedule = build_schedule(self.target, schedule=schedule, epochs=epochs, start_epoch=start_epoch,
                                        end_epoch=end_epoch, steps=steps)
         self.ignore = [ignore] if isinstance(ignore, str) else list(ignore)
@@ -115,7 +115,7 @@ class PruneCallback(Callback):
         self.sensitivity = dict(sensitivity or {})
         sensitivity_allocator(self.sensitivity)  # unknown or invalid options fail now, not mid-training
         self.log_widths = log_widths
-        self.graph_kwargs = dict(graph_kwargs or {})
+        self.graph_kwargs = preflight.check_graph_kwargs(graph_kwargs)
         self.verbose = verbose
         self.prune_frozen = bool(prune_frozen)
         # State saved in checkpoints (plain data only: loads with torch.load(weights_only=True)).
@@ -155,19 +155,8 @@ class PruneCallback(Callback):
                     f"epochs: scheduled pruning epochs {late} are not < max_epochs={max_epochs}; accepted values "
                     f"are epochs in [0, {max_epochs - 1}]."
                 )
-        modules = dict(pl_module.named_modules())
-        for name in self.ignore:
-            if name not in modules:
-                import difflib
-
-                close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
-                hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-                raise ValueError(f"ignore: {name!r} is not a module of {type(pl_module).__name__}; accepted values "
-                                 f"are names from LightningModule.named_modules().{hint}")
         interop.check_callbacks(trainer)
         interop.check_compiled_forms(pl_module)
-        if self.allocation == "sensitivity" and stage == "fit" and not self._has_val_data(trainer):
-            raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
         # On resume, Lightning loads the weights before callbacks see their state: rebuild the pruned structure
         # from the checkpoint's plan just before the weights are loaded.
         self._resume_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading(trainer))
@@ -179,13 +168,6 @@ class PruneCallback(Callback):
             self._resume_hook = None
         if stage == "fit" and not self.plan.is_empty() and distributed.is_spawned_worker(trainer):
             distributed.keep_pruned_weights_in_worker(pl_module)
-
-    @staticmethod
-    def _has_val_data(trainer: pl.Trainer) -> bool:
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "val_dataloader"):
-            return True
-        return getattr(trainer.fit_loop, "_data_source", None) is not None and trainer.limit_val_batches != 0
 
     def _rebuild_before_loading(self, trainer: pl.Trainer) -> Callable:
         def hook(module, state_dict, prefix, *args) -> None:
@@ -241,7 +223,9 @@ class PruneCallback(Callback):
 
     # -- the schedule ------------------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Before the sanity check and the first training batch: everything the events will need (preflight.py).
         with interop.eager_forward(pl_module):
+            preflight.run(self, trainer, pl_module)
             self._announce_frozen_groups(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -6,6 +6,7 @@ reported by lightning-prune are ratios of fvcore counts and therefore unaffected
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,19 @@ import torch
 from torch import nn
 
 from .tracing import first_sample, preserved_state
+
+
+def _flop_count_analysis() -> type:
+    """fvcore's ``FlopCountAnalysis``, imported without fvcore's own deprecation noise.
+
+    Importing ``fvcore.nn`` compiles its focal losses with ``torch.jit.script``, which torch deprecates with a
+    ``FutureWarning`` printed on every run of every command that counts FLOPs. The warning is about fvcore's code,
+    not the user's, and nothing they can change; it is ignored during this one import only (other
+    ``torch.jit.script`` calls still warn)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        from fvcore.nn import FlopCountAnalysis
+    return FlopCountAnalysis
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,7 @@ def count_flops(model: nn.Module, example_inputs: Any, *, per_module: bool = Fal
     afterwards, so counting can happen in the middle of training. With ``per_module=True`` returns fvcore's
     ``by_module()`` dict (``""`` is the total).
     """
-    from fvcore.nn import FlopCountAnalysis
+    FlopCountAnalysis = _flop_count_analysis()
 
     inputs = first_sample(example_inputs)
     if isinstance(inputs, dict):
