@@ -9,15 +9,34 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .. import criteria as criteria_module
-from ..errors import InconsistentRanksError, PruningError, check_choice, check_fraction, check_positive_int
+from ..errors import (
+    InconsistentRanksError,
+    InvalidPlanError,
+    NonFiniteScoresError,
+    PruningError,
+    check_choice,
+    check_fraction,
+    check_positive_int,
+)
 from ..allocation import sensitivity_allocator
 from ..pruning import prune_event, resolve_allocation
-from ..structure import DependencyGraph, PruningPlan, apply_plan, count_flops, count_params, transplant_optimizer
+from ..structure import (
+    DependencyGraph,
+    ModelSnapshot,
+    PruningPlan,
+    apply_plan,
+    count_flops,
+    count_params,
+    transplant_optimizer,
+)
 from . import distributed
+from .checkpoints import guard_resume, read_checkpoint
+from .transaction import EventTransaction
 from .logging import log_prune_event, log_widths_figure
 from .schedule import SCHEDULES, build_schedule
 
 CHECKPOINT_KEY = "lightning_prune"
+ON_ERROR = ("skip", "raise")
 
 
 class PruneCallback(Callback):
@@ -57,6 +76,12 @@ class PruneCallback(Callback):
         log_widths: also log every group's width as a scalar (``prune/width/<group>``).
         graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph`.
         verbose: print a summary per event (rank zero).
+        on_error: what a failed event does. ``"skip"`` (default): warn, record it in :attr:`failed_events` (kept
+            in checkpoints) and the log (``prune/failed_events``), and keep training on the untouched model.
+            ``"raise"``: re-raise the error (the model, optimizers and plan are restored first). Either way a
+            failed or interrupted event (``KeyboardInterrupt`` included) leaves the exact previous model,
+            optimizer state and plan. Non-finite scores, or a non-finite training loss right before an event,
+            always skip the event with a warning.
     """
 
     def __init__(
@@ -83,8 +108,10 @@ class PruneCallback(Callback):
         graph_kwargs: dict[str, Any] | None = None,
         verbose: bool = True,
         scope: str | None = None,
+        on_error: str = "skip",
     ):
         super().__init__()
+        self.on_error = check_choice("on_error", on_error, ON_ERROR)
         if (amount is None) == (flops_reduction is None):
             raise ValueError("PruneCallback needs exactly one of amount (fraction of channels) or flops_reduction "
                              "(fraction of FLOPs).")
@@ -122,6 +149,11 @@ class PruneCallback(Callback):
         self.reports: list[dict[str, Any]] = []
         #: groups whose removal breaks the model (found at an event, then skipped): ``{group name: reason}``.
         self.excluded_groups: dict[str, str] = {}
+        #: events that failed and were skipped: ``{"epoch", "error", "reason"}`` each (``on_error="skip"``).
+        self.failed_events: list[dict[str, Any]] = []
+        self._hooks: list[Callable[[], None]] = []  # removers of everything installed on the trainer/module
+        self._last_loss: torch.Tensor | None = None
+        self._resume_restore: Callable[[], None] | None = None
 
     @property
     def events(self) -> list[tuple[int, float]]:
@@ -160,15 +192,44 @@ class PruneCallback(Callback):
                                  f"are names from LightningModule.named_modules().{hint}")
         if self.allocation == "sensitivity" and stage == "fit" and not self._has_val_data(trainer):
             raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
+        # A fit that raised skips teardown; whatever it left installed goes now, so hooks never pile up.
+        self._remove_hooks()
         # On resume, Lightning loads the weights before callbacks see their state: rebuild the pruned structure
         # from the checkpoint's plan just before the weights are loaded.
         self._resume_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading(trainer))
+        self._hooks.append(self._resume_hook.remove)
+        # An unreadable ckpt_path fails with an error naming the file.
+        self._hooks.append(guard_resume(trainer.strategy))
+        self._resume_restore = None
+        self._last_loss = None
+
+    def _remove_hooks(self) -> None:
+        hooks, self._hooks = list(getattr(self, "_hooks", [])), []
+        for remove in reversed(hooks):
+            remove()
+        self._resume_hook = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # An event in progress was already rolled back in _prune's except path, before the exception reached
+        # Lightning, so OnExceptionCheckpoint (which runs after this hook) saves a whole model.
+        self._remove_hooks()
+        if self._resume_restore is not None:
+            # The fit failed while resuming (e.g. a checkpoint of another model): put the module back as it was
+            # before the plan was applied to it, so it can be resumed from the right checkpoint.
+            self._resume_restore()
+            self._resume_restore = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_restore = None  # the checkpoint (if any) is fully loaded: the rebuilt structure stays
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Keep a reference only (no device sync per batch); it is checked at the next event.
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._last_loss = loss.detach() if isinstance(loss, torch.Tensor) else None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        hook = getattr(self, "_resume_hook", None)
-        if hook is not None:
-            hook.remove()
-            self._resume_hook = None
+        self._remove_hooks()
         if stage == "fit" and not self.plan.is_empty() and distributed.is_spawned_worker(trainer):
             distributed.keep_pruned_weights_in_worker(pl_module)
 
@@ -195,8 +256,15 @@ class PruneCallback(Callback):
             if plan.is_empty() or shapes_match:
                 return
             example = _zeros_like_shapes(saved.get("example_shape"), module)
+            snapshot, previous_plan = ModelSnapshot(module), self.plan
+
+            def restore() -> None:
+                snapshot.restore()
+                self.plan = previous_plan
+
             apply_plan(module, plan, example, **self.graph_kwargs)
             self.plan = plan
+            self._resume_restore = restore
 
         return hook
 
@@ -210,6 +278,7 @@ class PruneCallback(Callback):
             "example_shape": self.example_shape,
             "reports": list(self.reports),
             "excluded_groups": dict(self.excluded_groups),
+            "failed_events": [dict(e) for e in self.failed_events],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -220,6 +289,7 @@ class PruneCallback(Callback):
         self.example_shape = state_dict.get("example_shape")
         self.reports = list(state_dict.get("reports", []))
         self.excluded_groups = dict(state_dict.get("excluded_groups", {}))
+        self.failed_events = [dict(e) for e in state_dict.get("failed_events", [])]
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # A copy outside the callback section, so load_pruned() works without knowing the callback's state key.
@@ -234,6 +304,39 @@ class PruneCallback(Callback):
         self._log_state(trainer, pl_module)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
+        """One event as a transaction: on any failure or interruption the module, optimizers and plan are put
+        back as they were, then the failure policy (``on_error``) decides between skipping and raising."""
+        loss = self._last_loss
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            self._record_failure(trainer, pl_module, epoch, "non-finite loss",
+                                 f"the training loss before the event is {loss.item()}")
+            return
+        transaction = EventTransaction(trainer, pl_module, self)
+        try:
+            self._run_event(trainer, pl_module, target, epoch)
+        except BaseException as error:
+            transaction.rollback()
+            if not isinstance(error, Exception) or isinstance(error, InconsistentRanksError):
+                raise  # KeyboardInterrupt/SystemExit, or ranks that disagree: stop, with the model whole
+            if isinstance(error, NonFiniteScoresError):
+                self._record_failure(trainer, pl_module, epoch, "non-finite scores", str(error))
+                return
+            if self.on_error == "raise":
+                raise
+            self._record_failure(trainer, pl_module, epoch, "error", f"{type(error).__name__}: {error}")
+
+    def _record_failure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, reason: str,
+                        detail: str) -> None:
+        self.failed_events.append({"epoch": int(epoch), "reason": reason, "error": detail})
+        rank_zero_warn(f"Pruning at epoch {epoch} failed ({reason}) and was skipped; training continues on the model "
+                       f"as it was (model, optimizer state and plan unchanged). {detail}")
+        try:
+            pl_module.log("prune/failed_events", float(len(self.failed_events)), on_step=False, on_epoch=True,
+                          sync_dist=False, rank_zero_only=True)
+        except Exception:  # logging is best effort here: the failure is already on record and warned about
+            pass
+
+    def _run_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
         example = self._example_input(trainer, pl_module)
         graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
                                 plan=self.plan, **self.graph_kwargs)
@@ -264,19 +367,10 @@ class PruneCallback(Callback):
                 evaluate=evaluate, sensitivity=self.sensitivity, on_surgery=after_surgery,
                 before_surgery=distributed.removal_verifier(trainer), epoch=epoch,
             )
-        except InconsistentRanksError:
-            raise
-        except PruningError as error:
+        except BaseException:
+            # Groups found unprunable stay remembered; everything else is rolled back by _prune.
             self.excluded_groups.update(graph.excluded)
-            if graph.plan.checksum() == self.plan.checksum():
-                rank_zero_warn(f"Pruning at epoch {epoch} failed and was skipped; training continues on the model "
-                               f"as it was. {error}")
-                return
-            # Sensitivity rounds before the failing one were applied (each atomically): keep them on record.
-            rank_zero_warn(f"Pruning at epoch {epoch} stopped early; the rounds before the failure are kept. {error}")
-            distributed.rewrap(trainer, pl_module)
-            self.plan = graph.plan
-            return
+            raise
         self.excluded_groups.update(graph.excluded)
         distributed.rewrap(trainer, pl_module)
         distributed.verify_same_plan(trainer, graph.plan)
@@ -389,14 +483,19 @@ def load_pruned(module_class: type[pl.LightningModule], checkpoint_path: str, *,
     Constructs ``module_class`` from the checkpoint's hyper-parameters (``kwargs`` override them), rebuilds the
     pruned structure from the plan stored in the checkpoint, loads the weights and returns the module in eval
     mode. The checkpoint is read with ``torch.load(weights_only=True)``."""
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    if not isinstance(module_class, type) or not issubclass(module_class, torch.nn.Module):
+        raise TypeError(f"module_class must be a LightningModule class, got {module_class!r}.")
+    checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
     # LightningCLI records how it instantiated the module under private keys; they are not constructor arguments.
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items()
                if k not in ("_instantiator", "_class_path")}
     hparams.update(kwargs)
     module = module_class(**hparams)
     saved = checkpoint.get(CHECKPOINT_KEY) or {}
-    plan = PruningPlan.from_dict(saved.get("plan"))
+    try:
+        plan = PruningPlan.from_dict(saved.get("plan"))
+    except InvalidPlanError as error:
+        raise InvalidPlanError(f"checkpoint {checkpoint_path}: its pruning plan is invalid: {error}") from error
     if not plan.is_empty():
         apply_plan(module, plan, _zeros_like_shapes(saved.get("example_shape"), module))
     module.load_state_dict(checkpoint["state_dict"], strict=strict)

@@ -668,6 +668,11 @@ class DependencyGraph:
         start = time.perf_counter()
         if not checked:
             return SurgeryResult({}, {}, 0.0)
+        # The plan after this step, computed before the model is touched: a plan that does not fit fails here.
+        new_plan = self.plan.copy()
+        for name, indices in checked.items():
+            new_plan.record_removal(name, by_name[name].size, indices)
+        new_plan.add_event(removed={name: len(ix) for name, ix in checked.items()}, **event_info)
 
         snapshot = ModelSnapshot(self.model)
         lineage = ParameterLineage()
@@ -677,19 +682,22 @@ class DependencyGraph:
                     module, handler = by_name[name]._root
                     self._tp.get_pruning_group(module, handler, indices).prune()
             self._check_forward()
-        except Exception as error:
+            replacements = lineage.replacements(self.model)
+        except BaseException as error:
+            # Any interruption (KeyboardInterrupt, SystemExit included) restores the exact previous model before
+            # it propagates: nothing half-pruned can be used or checkpointed afterwards.
             snapshot.restore()
             self._rebuild_after_failure()
+            if not isinstance(error, Exception):
+                raise
             raise PruningError(
                 f"Pruning failed and the model was restored to its state before this step: "
                 f"{type(error).__name__}: {error}"
             ) from error
 
-        for name, indices in checked.items():
-            self.plan.record_removal(name, by_name[name].size, indices)
-        self.plan.add_event(removed={name: len(ix) for name, ix in checked.items()}, **event_info)
+        self.plan = new_plan
         self._groups = None
-        return SurgeryResult(checked, lineage.replacements(self.model), time.perf_counter() - start)
+        return SurgeryResult(checked, replacements, time.perf_counter() - start)
 
     def _check_forward(self) -> None:
         """Run the pruned model in eval and in train mode: both must work and keep the output shapes."""
