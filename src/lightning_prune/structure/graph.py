@@ -399,8 +399,30 @@ class DependencyGraph:
         self._reference_shapes: list[tuple[int, ...]] | None = None  # set by the first, bounded, build
         self.build_seconds = 0.0
         self._build()
+        self._check_plan()
 
     # -- construction ------------------------------------------------------------------------------------------
+    def _check_plan(self) -> None:
+        """A plan given for composition must describe this model as it is now: every group it names is a module of
+        the model, and every prunable group it names has the width the plan says. Checked before any surgery."""
+        if not self.plan.groups:
+            return
+        from ..errors import PlanMismatchError
+
+        current = {g.name: g for g in self.groups}
+        problems = []
+        for name, record in self.plan.groups.items():
+            if name not in self._order:
+                problems.append(f"group {name!r} (field 'groups') is not a module of {type(self.model).__name__}")
+            elif name in current and current[name].size != record.width:
+                problems.append(f"group {name!r}, field 'kept': the plan keeps {record.width} channels but the model "
+                                f"has {current[name].size}")
+        if problems:
+            raise PlanMismatchError(
+                "plan does not describe this model's current state (pass the plan of this pruned model, or none "
+                f"for an unpruned one); nothing was pruned: {'; '.join(problems[:8])}."
+            )
+
     def _resolve_ignore(self, ignore: Iterable[str | nn.Module]) -> set[nn.Module]:
         if isinstance(ignore, (str, nn.Module)):
             ignore = [ignore]
@@ -816,27 +838,37 @@ def apply_plan(
     """
     from ..errors import PlanMismatchError
 
-    plan = PruningPlan.from_dict(plan)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plan = PruningPlan.from_dict(plan)  # schema, types and indices: InvalidPlanError before anything is built
     graph_kwargs.pop("ignore", None)
     graph = DependencyGraph(model, example_inputs, **graph_kwargs)
     current = {g.name: g for g in graph.groups}
     removals = {}
+    problems = []
     for name, record in plan.groups.items():
         group = current.get(name)
         if group is None:
-            raise PlanMismatchError(
-                f"plan: group {name!r} does not exist in {type(model).__name__}; was the plan made for another "
-                "architecture or configuration?"
-            )
+            problems.append(f"group {name!r} (field 'groups') does not exist in {type(model).__name__}; was the plan "
+                            "made for another architecture or configuration?")
+            continue
         if group.size != record.original_size:
-            raise PlanMismatchError(
-                f"plan: group {name!r} has {group.size} channels in this model but the plan was made on "
-                f"{record.original_size}; apply_plan needs a freshly constructed, unpruned model."
-            )
+            problems.append(f"group {name!r}, field 'original_size': the plan was made on {record.original_size} "
+                            f"channels but this model has {group.size}; apply_plan needs a freshly constructed, "
+                            "unpruned model")
+            continue
         kept = set(record.kept)
         removed = [i for i in range(group.size) if i not in kept]
+        try:
+            group.validate_removal(removed, param="kept")
+        except ValueError as error:
+            problems.append(f"group {name!r}, field 'kept': {error}")
+            continue
         if removed:
             removals[name] = removed
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise PlanMismatchError(f"plan does not fit {type(model).__name__} (the model is unchanged): {shown}.")
     graph.prune_groups(removals, source="apply_plan")
     graph.plan.events = [dict(e) for e in plan.events]
     return graph
