@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import criteria as criteria_module
-from .allocation import ALLOCATIONS, allocate, min_width, sensitivity_allocator
+from .allocation import ALLOCATIONS, allocate, sensitivity_allocator
 from .errors import PruningError, check_choice, check_fraction, check_positive_int
 from .structure import (
     DependencyGraph,
@@ -27,6 +27,7 @@ from .structure import (
     count_params,
     recalibrate_batchnorm,
 )
+from .target_report import check_target
 
 SCOPE_ALIASES = {"layerwise": "uniform", "local": "uniform", "uniform": "uniform", "global": "global",
                  "sensitivity": "sensitivity"}
@@ -305,11 +306,7 @@ def prune_event(
     if recalibrate_batches and removed:
         recalibrator(recalibrate_batches)()
     flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
-    if target_kind == "flops":
-        met = flops_after <= original_flops * (1 - target) * 1.001
-    if not met:
-        warnings.warn(_unmet_target_message(graph, target, target_kind, flops_after, original_flops,
-                                            max_group_sparsity, round_to), stacklevel=2)
+    met = check_target(graph, target, target_kind, flops_after, original_flops, max_group_sparsity, round_to)
     return PruneReport(
         flops_before=flops_before, flops_after=flops_after, params_before=params_before,
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
@@ -317,19 +314,6 @@ def prune_event(
         target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
         original_flops=original_flops, sensitivity_steps=sensitivity_steps,
     )
-
-
-def _unmet_target_message(graph: DependencyGraph, target: float, target_kind: str, flops_after: int,
-                          original_flops: float, max_group_sparsity: float, round_to: int | None) -> str:
-    """Why a target was not reached: every group at its floor, or widths rounded to ``round_to``."""
-    reached = graph.channel_sparsity() if target_kind == "channels" else 1.0 - flops_after / original_flops
-    at_floor = all(g.size <= min_width(g, max_group_sparsity, round_to) for g in graph.groups)
-    if at_floor or not round_to:
-        why = (f"every prunable group is at its minimum width (max_group_sparsity={max_group_sparsity}"
-               f"{f', round_to={round_to}' if round_to else ''})")
-    else:
-        why = f"widths are rounded to multiples of round_to={round_to} (round_to=None reaches it exactly)"
-    return f"The {target_kind} target {target:.1%} was reached only to {reached:.1%}: {why}."
 
 
 def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int]]) -> bool:
