@@ -17,12 +17,21 @@ from torch import nn
 
 from . import criteria as criteria_module
 from .allocation import ALLOCATIONS, allocate, sensitivity_allocator
-from .errors import PruningError, check_choice, check_fraction, check_positive_int
+from .errors import (
+    ArgumentTypeError,
+    PruningError,
+    check_callable,
+    check_choice,
+    check_fraction,
+    check_mapping,
+    check_positive_int,
+)
 from .structure import (
     DependencyGraph,
     FlopsModel,
     PruningPlan,
     SurgeryResult,
+    check_graph_options,
     count_flops,
     count_params,
     recalibrate_batchnorm,
@@ -412,6 +421,8 @@ def prune(
 
     Every argument is checked before the model is touched; on any error the model is left exactly as it was.
     """
+    _check_prune_arguments(model, ignore=ignore, dataloader=dataloader, batch_fn=batch_fn,
+                           val_dataloader=val_dataloader, sensitivity=sensitivity, plan=plan, graph_kwargs=graph_kwargs)
     if amount is not None and flops_reduction is not None:
         raise ValueError("Give exactly one of amount (fraction of channels) or flops_reduction (fraction of FLOPs), "
                          f"got amount={amount!r} and flops_reduction={flops_reduction!r}.")
@@ -447,6 +458,27 @@ def prune(
         batch_fn=batch_fn, evaluate=evaluate, sensitivity=sensitivity, recalibration_data=dataloader,
         recalibrate_batches=recalibrate_batches, source="prune",
     )
+
+
+def _check_prune_arguments(model: Any, *, ignore: Any, dataloader: Any, batch_fn: Any, val_dataloader: Any,
+                           sensitivity: Any, plan: Any, graph_kwargs: dict[str, Any]) -> None:
+    """Type checks of :func:`prune`'s arguments, each error naming the argument (values are checked after)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(ignore, nn.Module):
+        entries = [ignore] if isinstance(ignore, str) else ignore
+        if not isinstance(entries, (list, tuple, set, frozenset)) or not all(
+                isinstance(e, (str, nn.Module)) for e in entries):
+            raise ArgumentTypeError(f"ignore must be module names or modules (a list), got {ignore!r}.")
+    for name, loader in (("dataloader", dataloader), ("val_dataloader", val_dataloader)):
+        if loader is not None and (isinstance(loader, (str, bytes, torch.Tensor)) or not hasattr(loader, "__iter__")):
+            raise ArgumentTypeError(f"{name} must be an iterable of batches (a DataLoader) or None, got "
+                                    f"{type(loader).__name__}.")
+    check_callable("batch_fn", batch_fn)
+    check_mapping("sensitivity", sensitivity)
+    if plan is not None and not isinstance(plan, (dict, PruningPlan)):
+        raise ArgumentTypeError(f"plan must be a PruningPlan, its to_dict() or None, got {type(plan).__name__}.")
+    check_graph_options("graph_kwargs (extra keyword arguments of prune)", graph_kwargs)
 
 
 def _accuracy_evaluator(model: nn.Module, dataloader: Iterable, batch_fn: Callable | None) -> Callable[[], float]:

@@ -10,12 +10,19 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .. import criteria as criteria_module
 from ..errors import (
+    ArgumentTypeError,
     InconsistentRanksError,
     InvalidPlanError,
     NonFiniteScoresError,
     PruningError,
     check_choice,
     check_fraction,
+    check_bool,
+    check_callable,
+    check_int,
+    check_int_list,
+    check_mapping,
+    check_names,
     check_positive_int,
 )
 from ..allocation import sensitivity_allocator
@@ -25,6 +32,7 @@ from ..structure import (
     ModelSnapshot,
     PruningPlan,
     apply_plan,
+    check_graph_options,
     count_flops,
     count_params,
     transplant_optimizer,
@@ -122,24 +130,32 @@ class PruneCallback(Callback):
             self.target_kind = "flops"
         check_choice("schedule", schedule, SCHEDULES)
         check_positive_int("steps", steps)
+        # Types first (ints are ints: epochs=[0.7] would silently become epoch 0), values after.
+        if epochs is not None:
+            check_int_list("epochs", epochs, minimum=0)
+        check_int("start_epoch", start_epoch, minimum=0)
+        check_int("end_epoch", end_epoch, minimum=0, allow_none=True)
         self.allocation = resolve_allocation(allocation, scope)
-        self.criterion = criteria_module.get(criterion, **(criterion_kwargs or {}))
+        self.criterion = _make_criterion(criterion, criterion_kwargs)
         self.schedule = build_schedule(self.target, schedule=schedule, epochs=epochs, start_epoch=start_epoch,
                                        end_epoch=end_epoch, steps=steps)
-        self.ignore = [ignore] if isinstance(ignore, str) else list(ignore)
-        if round_to is not None:
-            check_positive_int("round_to", round_to)
+        self.ignore = check_names("ignore", ignore)
+        check_int("round_to", round_to, minimum=1, allow_none=True)
         self.round_to = round_to
         self.max_group_sparsity = check_fraction("max_group_sparsity", max_group_sparsity, allow_zero=False)
         self.scoring_batches = check_positive_int("scoring_batches", scoring_batches)
+        if scoring_dataloader is not None and not callable(scoring_dataloader) and not _is_iterable(scoring_dataloader):
+            raise ArgumentTypeError(f"scoring_dataloader must be an iterable of batches (a DataLoader), a callable "
+                                    f"returning one, or None; got {type(scoring_dataloader).__name__}.")
         self.scoring_dataloader = scoring_dataloader
-        self.batch_fn = batch_fn
+        self.batch_fn = check_callable("batch_fn", batch_fn)
+        _check_example_input(example_input)
         self.example_input = example_input
-        self.sensitivity = dict(sensitivity or {})
+        self.sensitivity = check_mapping("sensitivity", sensitivity)
         sensitivity_allocator(self.sensitivity)  # unknown or invalid options fail now, not mid-training
-        self.log_widths = log_widths
-        self.graph_kwargs = dict(graph_kwargs or {})
-        self.verbose = verbose
+        self.log_widths = check_bool("log_widths", log_widths)
+        self.graph_kwargs = check_graph_options("graph_kwargs", graph_kwargs)
+        self.verbose = check_bool("verbose", verbose)
         # State saved in checkpoints (plain data only: loads with torch.load(weights_only=True)).
         self.plan = PruningPlan()
         self.done_epochs: list[int] = []
@@ -436,6 +452,43 @@ class PruneCallback(Callback):
         if datamodule is not None and hasattr(datamodule, "scoring_dataloader"):
             return datamodule.scoring_dataloader()
         return self._train_loader(trainer)
+
+
+def _make_criterion(criterion: Any, criterion_kwargs: Any) -> Any:
+    """The criterion object; errors in ``criterion_kwargs`` name ``criterion_kwargs``."""
+    kwargs = check_mapping("criterion_kwargs", criterion_kwargs)
+    if kwargs and not isinstance(criterion, str):
+        raise ValueError("criterion_kwargs are only accepted with a criterion name (criterion='l1', ...); got a "
+                         f"{type(criterion).__name__} object: configure it directly instead.")
+    if not kwargs:
+        return criteria_module.get(criterion)
+    base = criteria_module.get(criterion)  # the name is checked first, with its own message
+    try:
+        return criteria_module.get(criterion, **kwargs)
+    except TypeError as error:
+        import inspect
+
+        accepted = [p for p in inspect.signature(type(getattr(base, "base", base)).__init__).parameters
+                    if p not in ("self", "args", "kwargs")]
+        raise ValueError(f"criterion_kwargs={kwargs!r} are not accepted by criterion {criterion!r} ({error}); "
+                         f"accepted keys: {', '.join(map(repr, accepted)) or 'none'}.") from None
+
+
+def _is_iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_example_input(example: Any) -> None:
+    if example is None or isinstance(example, (torch.Tensor, dict)):
+        return
+    if isinstance(example, (tuple, list)) and example and all(isinstance(x, torch.Tensor) for x in example):
+        return
+    raise ArgumentTypeError(f"example_input must be a tensor, a tuple of tensors (positional inputs), a dict "
+                            f"(keyword inputs) or None; got {type(example).__name__}.")
 
 
 def _give_num_classes(criterion: Any, num_classes: int | None) -> None:

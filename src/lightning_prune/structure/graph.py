@@ -24,7 +24,17 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
-from ..errors import PruningError, UnsupportedModelError, check_choice
+from ..errors import (
+    ArgumentTypeError,
+    PlanMismatchError,
+    PruningError,
+    UnsupportedModelError,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_mapping,
+    check_number,
+)
 from .plan import PruningPlan
 from .surgery import ModelSnapshot, ParameterLineage, Slicing
 from .tracing import (
@@ -341,6 +351,30 @@ class SurgeryResult:
     seconds: float
 
 
+#: keyword options of :class:`DependencyGraph` a caller may pass through (``graph_kwargs=`` of the callback and CLI).
+GRAPH_OPTIONS = ("trace_mode", "protect_outputs", "build_timeout", "max_build_memory_mb", "customized_pruners",
+                 "forward_fn")
+
+
+def check_graph_options(param: str, options: Any) -> dict[str, Any]:
+    """Type-check ``options`` meant for :class:`DependencyGraph` (names and value types), naming ``param``."""
+    options = check_mapping(param, options, keys=GRAPH_OPTIONS)
+    if "trace_mode" in options:
+        check_choice(f"{param}['trace_mode']", options["trace_mode"], TRACE_MODES)
+    if "protect_outputs" in options:
+        check_bool(f"{param}['protect_outputs']", options["protect_outputs"])
+    for key in ("build_timeout", "max_build_memory_mb"):
+        if key in options:
+            check_number(f"{param}[{key!r}]", options[key], minimum=0, exclusive_minimum=True, allow_none=True)
+    pruners = options.get("customized_pruners")
+    if pruners is not None and not isinstance(pruners, Mapping):
+        raise ArgumentTypeError(f"{param}['customized_pruners'] must be a dict {{layer type: pruner}}, got "
+                                f"{type(pruners).__name__}.")
+    if "forward_fn" in options:
+        check_callable(f"{param}['forward_fn']", options["forward_fn"])
+    return options
+
+
 class DependencyGraph:
     """Dependency-aware channel groups of a model, and their physical removal.
 
@@ -379,6 +413,13 @@ class DependencyGraph:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_choice("trace_mode", trace_mode, TRACE_MODES)
+        check_bool("protect_outputs", protect_outputs)
+        check_number("build_timeout", build_timeout, minimum=0, exclusive_minimum=True, allow_none=True)
+        check_number("max_build_memory_mb", max_build_memory_mb, minimum=0, exclusive_minimum=True, allow_none=True)
+        check_callable("forward_fn", forward_fn)
+        if customized_pruners is not None and not isinstance(customized_pruners, Mapping):
+            raise ArgumentTypeError(f"customized_pruners must be a dict {{layer type: pruner}}, got "
+                                    f"{type(customized_pruners).__name__}.")
         self.model = model
         self.example_inputs = example_inputs
         self.trace_mode = trace_mode
@@ -407,8 +448,6 @@ class DependencyGraph:
         the model, and every prunable group it names has the width the plan says. Checked before any surgery."""
         if not self.plan.groups:
             return
-        from ..errors import PlanMismatchError
-
         current = {g.name: g for g in self.groups}
         problems = []
         for name, record in self.plan.groups.items():
@@ -836,8 +875,6 @@ def apply_plan(
     Afterwards ``model.load_state_dict(pruned_state_dict)`` works. Returns the graph, whose ``plan`` equals
     ``plan``. Raises :class:`PlanMismatchError` when the plan names groups or widths the model does not have.
     """
-    from ..errors import PlanMismatchError
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     plan = PruningPlan.from_dict(plan)  # schema, types and indices: InvalidPlanError before anything is built
