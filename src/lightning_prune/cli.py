@@ -36,6 +36,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities import rank_zero_only
 
+from .callbacks.checkpoints import read_checkpoint
 from .callbacks.prune import PruneCallback, load_pruned
 from .classification import ClassificationModule
 from .datamodules import DigitsDataModule
@@ -390,14 +391,14 @@ def load_checkpoint_module(checkpoint: str, config: str | None = None) -> pl.Lig
     """The pruned LightningModule of ``checkpoint`` (class from ``config``'s ``model.class_path``, else
     :class:`~lightning_prune.classification.ClassificationModule`), on CPU, in eval mode."""
     if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise FileNotFoundError(f"--checkpoint {checkpoint}: the file does not exist")
     module_class = _module_class(_load_yaml(config))
     return load_pruned(module_class, checkpoint, map_location="cpu")
 
 
 def example_input(module: pl.LightningModule, checkpoint: str, batch_size: int = 1) -> torch.Tensor:
     """A zero input of the checkpoint's recorded example shape (or the module's ``example_input_array``)."""
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("lightning_prune") or {}
+    saved = read_checkpoint(checkpoint).get("lightning_prune") or {}
     shapes = saved.get("example_shape")
     if shapes:
         return torch.zeros(batch_size, *shapes[0][1:])

@@ -16,17 +16,27 @@ import torch
 from torch import nn
 
 from . import criteria as criteria_module
-from .allocation import ALLOCATIONS, allocate, min_width, sensitivity_allocator
-from .errors import PruningError, check_choice, check_fraction, check_positive_int
+from .allocation import ALLOCATIONS, allocate, sensitivity_allocator
+from .errors import (
+    ArgumentTypeError,
+    PruningError,
+    check_callable,
+    check_choice,
+    check_fraction,
+    check_mapping,
+    check_positive_int,
+)
 from .structure import (
     DependencyGraph,
     FlopsModel,
     PruningPlan,
     SurgeryResult,
+    check_graph_options,
     count_flops,
     count_params,
     recalibrate_batchnorm,
 )
+from .target_report import check_target
 
 SCOPE_ALIASES = {"layerwise": "uniform", "local": "uniform", "uniform": "uniform", "global": "global",
                  "sensitivity": "sensitivity"}
@@ -305,11 +315,7 @@ def prune_event(
     if recalibrate_batches and removed:
         recalibrator(recalibrate_batches)()
     flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
-    if target_kind == "flops":
-        met = flops_after <= original_flops * (1 - target) * 1.001
-    if not met:
-        warnings.warn(_unmet_target_message(graph, target, target_kind, flops_after, original_flops,
-                                            max_group_sparsity, round_to), stacklevel=2)
+    met = check_target(graph, target, target_kind, flops_after, original_flops, max_group_sparsity, round_to)
     return PruneReport(
         flops_before=flops_before, flops_after=flops_after, params_before=params_before,
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
@@ -317,19 +323,6 @@ def prune_event(
         target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
         original_flops=original_flops, sensitivity_steps=sensitivity_steps,
     )
-
-
-def _unmet_target_message(graph: DependencyGraph, target: float, target_kind: str, flops_after: int,
-                          original_flops: float, max_group_sparsity: float, round_to: int | None) -> str:
-    """Why a target was not reached: every group at its floor, or widths rounded to ``round_to``."""
-    reached = graph.channel_sparsity() if target_kind == "channels" else 1.0 - flops_after / original_flops
-    at_floor = all(g.size <= min_width(g, max_group_sparsity, round_to) for g in graph.groups)
-    if at_floor or not round_to:
-        why = (f"every prunable group is at its minimum width (max_group_sparsity={max_group_sparsity}"
-               f"{f', round_to={round_to}' if round_to else ''})")
-    else:
-        why = f"widths are rounded to multiples of round_to={round_to} (round_to=None reaches it exactly)"
-    return f"The {target_kind} target {target:.1%} was reached only to {reached:.1%}: {why}."
 
 
 def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int]]) -> bool:
@@ -428,6 +421,8 @@ def prune(
 
     Every argument is checked before the model is touched; on any error the model is left exactly as it was.
     """
+    _check_prune_arguments(model, ignore=ignore, dataloader=dataloader, batch_fn=batch_fn,
+                           val_dataloader=val_dataloader, sensitivity=sensitivity, plan=plan, graph_kwargs=graph_kwargs)
     if amount is not None and flops_reduction is not None:
         raise ValueError("Give exactly one of amount (fraction of channels) or flops_reduction (fraction of FLOPs), "
                          f"got amount={amount!r} and flops_reduction={flops_reduction!r}.")
@@ -463,6 +458,27 @@ def prune(
         batch_fn=batch_fn, evaluate=evaluate, sensitivity=sensitivity, recalibration_data=dataloader,
         recalibrate_batches=recalibrate_batches, source="prune",
     )
+
+
+def _check_prune_arguments(model: Any, *, ignore: Any, dataloader: Any, batch_fn: Any, val_dataloader: Any,
+                           sensitivity: Any, plan: Any, graph_kwargs: dict[str, Any]) -> None:
+    """Type checks of :func:`prune`'s arguments, each error naming the argument (values are checked after)."""
+    if not isinstance(model, nn.Module):
+        raise ArgumentTypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not isinstance(ignore, nn.Module):
+        entries = [ignore] if isinstance(ignore, str) else ignore
+        if not isinstance(entries, (list, tuple, set, frozenset)) or not all(
+                isinstance(e, (str, nn.Module)) for e in entries):
+            raise ArgumentTypeError(f"ignore must be module names or modules (a list), got {ignore!r}.")
+    for name, loader in (("dataloader", dataloader), ("val_dataloader", val_dataloader)):
+        if loader is not None and (isinstance(loader, (str, bytes, torch.Tensor)) or not hasattr(loader, "__iter__")):
+            raise ArgumentTypeError(f"{name} must be an iterable of batches (a DataLoader) or None, got "
+                                    f"{type(loader).__name__}.")
+    check_callable("batch_fn", batch_fn)
+    check_mapping("sensitivity", sensitivity)
+    if plan is not None and not isinstance(plan, (dict, PruningPlan)):
+        raise ArgumentTypeError(f"plan must be a PruningPlan, its to_dict() or None, got {type(plan).__name__}.")
+    check_graph_options("graph_kwargs (extra keyword arguments of prune)", graph_kwargs)
 
 
 def _accuracy_evaluator(model: nn.Module, dataloader: Iterable, batch_fn: Callable | None) -> Callable[[], float]:

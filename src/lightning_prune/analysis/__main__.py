@@ -9,7 +9,7 @@ Examples::
 The checkpoint is a ``torch.save``d state dict or a Lightning checkpoint, loaded with ``weights_only=True``.
 For a Lightning checkpoint of :class:`lightning_prune.ClassificationModule`, ``--model``, ``--num-classes``,
 ``--in-channels`` and ``--model-kwargs`` default to its hyper-parameters, and the ``model.`` prefix of its keys is
-stripped. A checkpoint of a pruned model is rebuilt from its pruning plan (a ``{"version", "groups", ...}`` dict
+stripped. A checkpoint of a pruned model is rebuilt from its pruning plan (a ``{"format", "groups", ...}`` dict
 found in the checkpoint, or ``--plan plan.json``) before loading.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ def _find_plan(obj: Any, depth: int = 0) -> dict | None:
     """A pruning plan dict (``PruningPlan.to_dict()``) anywhere in a loaded checkpoint."""
     if depth > 4 or not isinstance(obj, dict):
         return None
-    if "groups" in obj and "version" in obj and isinstance(obj.get("groups"), dict):
+    if "groups" in obj and ("format" in obj or "version" in obj) and isinstance(obj.get("groups"), dict):
         groups = obj["groups"]
         if all(isinstance(v, dict) and "kept" in v for v in groups.values()):
             return obj

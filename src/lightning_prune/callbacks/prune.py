@@ -9,15 +9,42 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from .. import criteria as criteria_module
-from ..errors import InconsistentRanksError, PruningError, check_choice, check_fraction, check_positive_int
+from ..errors import (
+    ArgumentTypeError,
+    InconsistentRanksError,
+    InvalidPlanError,
+    NonFiniteScoresError,
+    PruningError,
+    check_choice,
+    check_fraction,
+    check_bool,
+    check_callable,
+    check_int,
+    check_int_list,
+    check_mapping,
+    check_names,
+    check_positive_int,
+)
 from ..allocation import sensitivity_allocator
 from ..pruning import prune_event, resolve_allocation
-from ..structure import DependencyGraph, PruningPlan, apply_plan, count_flops, count_params, transplant_optimizer
+from ..structure import (
+    DependencyGraph,
+    ModelSnapshot,
+    PruningPlan,
+    apply_plan,
+    check_graph_options,
+    count_flops,
+    count_params,
+    transplant_optimizer,
+)
 from . import distributed, interop, preflight
+from .checkpoints import guard_resume, read_checkpoint
+from .transaction import EventTransaction
 from .logging import log_baseline, log_prune_event, log_widths_figure
 from .schedule import SCHEDULES, build_schedule
 
 CHECKPOINT_KEY = "lightning_prune"
+ON_ERROR = ("skip", "raise")
 
 
 class PruneCallback(Callback):
@@ -60,6 +87,12 @@ class PruneCallback(Callback):
         prune_frozen: also prune groups whose producers are all frozen (``requires_grad=False``); by default
             they are left at full width (a warning at the start of fit names them). Pruned or not, every
             parameter keeps its ``requires_grad``.
+        on_error: what a failed event does. ``"skip"`` (default): warn, record it in :attr:`failed_events` (kept
+            in checkpoints) and the log (``prune/failed_events``), and keep training on the untouched model.
+            ``"raise"``: re-raise the error (the model, optimizers and plan are restored first). Either way a
+            failed or interrupted event (``KeyboardInterrupt`` included) leaves the exact previous model,
+            optimizer state and plan. Non-finite scores, or a non-finite training loss right before an event,
+            always skip the event with a warning.
     """
 
     def __init__(
@@ -87,8 +120,10 @@ class PruneCallback(Callback):
         verbose: bool = True,
         scope: str | None = None,
         prune_frozen: bool = False,
+        on_error: str = "skip",
     ):
         super().__init__()
+        self.on_error = check_choice("on_error", on_error, ON_ERROR)
         if (amount is None) == (flops_reduction is None):
             raise ValueError("PruneCallback needs exactly one of amount (fraction of channels) or flops_reduction "
                              "(fraction of FLOPs).")
@@ -99,25 +134,34 @@ class PruneCallback(Callback):
             self.target_kind = "flops"
         check_choice("schedule", schedule, SCHEDULES)
         check_positive_int("steps", steps)
+        # Types first (ints are ints: epochs=[0.7] would silently become epoch 0), values after.
+        if epochs is not None:
+            check_int_list("epochs", epochs, minimum=0)
+        check_int("start_epoch", start_epoch, minimum=0)
+        check_int("end_epoch", end_epoch, minimum=0, allow_none=True)
         self.allocation = resolve_allocation(allocation, scope)
-        self.criterion = preflight.build_criterion(criterion, criterion_kwargs)
+        self.criterion = _make_criterion(criterion, criterion_kwargs)
         self.schedule = build_schedule(self.target, schedule=schedule, epochs=epochs, start_epoch=start_epoch,
                                        end_epoch=end_epoch, steps=steps)
-        self.ignore = [ignore] if isinstance(ignore, str) else list(ignore)
-        if round_to is not None:
-            check_positive_int("round_to", round_to)
+        self.ignore = check_names("ignore", ignore)
+        check_int("round_to", round_to, minimum=1, allow_none=True)
         self.round_to = round_to
         self.max_group_sparsity = check_fraction("max_group_sparsity", max_group_sparsity, allow_zero=False)
         self.scoring_batches = check_positive_int("scoring_batches", scoring_batches)
+        if scoring_dataloader is not None and not callable(scoring_dataloader) and not _is_iterable(scoring_dataloader):
+            raise ArgumentTypeError(f"scoring_dataloader must be an iterable of batches (a DataLoader), a callable "
+                                    f"returning one, or None; got {type(scoring_dataloader).__name__}.")
         self.scoring_dataloader = scoring_dataloader
-        self.batch_fn = batch_fn
+        self.batch_fn = check_callable("batch_fn", batch_fn)
+        _check_example_input(example_input)
         self.example_input = example_input
-        self.sensitivity = dict(sensitivity or {})
+        self.sensitivity = check_mapping("sensitivity", sensitivity)
         sensitivity_allocator(self.sensitivity)  # unknown or invalid options fail now, not mid-training
-        self.log_widths = log_widths
-        self.graph_kwargs = preflight.check_graph_kwargs(graph_kwargs)
-        self.verbose = verbose
-        self.prune_frozen = bool(prune_frozen)
+        self.log_widths = check_bool("log_widths", log_widths)
+        # Unknown keys first (naming the accepted ones), then the value types.
+        self.graph_kwargs = check_graph_options("graph_kwargs", preflight.check_graph_kwargs(graph_kwargs))
+        self.verbose = check_bool("verbose", verbose)
+        self.prune_frozen = check_bool("prune_frozen", prune_frozen)
         # State saved in checkpoints (plain data only: loads with torch.load(weights_only=True)).
         self.plan = PruningPlan()
         self.done_epochs: list[int] = []
@@ -127,6 +171,11 @@ class PruneCallback(Callback):
         self.reports: list[dict[str, Any]] = []
         #: groups whose removal breaks the model (found at an event, then skipped): ``{group name: reason}``.
         self.excluded_groups: dict[str, str] = {}
+        #: events that failed and were skipped: ``{"epoch", "error", "reason"}`` each (``on_error="skip"``).
+        self.failed_events: list[dict[str, Any]] = []
+        self._hooks: list[Callable[[], None]] = []  # removers of everything installed on the trainer/module
+        self._last_loss: torch.Tensor | None = None
+        self._resume_restore: Callable[[], None] | None = None
 
     @property
     def events(self) -> list[tuple[int, float]]:
@@ -157,15 +206,44 @@ class PruneCallback(Callback):
                 )
         interop.check_callbacks(trainer)
         interop.check_compiled_forms(pl_module)
+        # A fit that raised skips teardown; whatever it left installed goes now, so hooks never pile up.
+        self._remove_hooks()
         # On resume, Lightning loads the weights before callbacks see their state: rebuild the pruned structure
         # from the checkpoint's plan just before the weights are loaded.
         self._resume_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading(trainer))
+        self._hooks.append(self._resume_hook.remove)
+        # An unreadable ckpt_path fails with an error naming the file.
+        self._hooks.append(guard_resume(trainer.strategy))
+        self._resume_restore = None
+        self._last_loss = None
+
+    def _remove_hooks(self) -> None:
+        hooks, self._hooks = list(getattr(self, "_hooks", [])), []
+        for remove in reversed(hooks):
+            remove()
+        self._resume_hook = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        # An event in progress was already rolled back in _prune's except path, before the exception reached
+        # Lightning, so OnExceptionCheckpoint (which runs after this hook) saves a whole model.
+        self._remove_hooks()
+        if self._resume_restore is not None:
+            # The fit failed while resuming (e.g. a checkpoint of another model): put the module back as it was
+            # before the plan was applied to it, so it can be resumed from the right checkpoint.
+            self._resume_restore()
+            self._resume_restore = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._resume_restore = None  # the checkpoint (if any) is fully loaded: the rebuilt structure stays
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # Keep a reference only (no device sync per batch); it is checked at the next event.
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        self._last_loss = loss.detach() if isinstance(loss, torch.Tensor) else None
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        hook = getattr(self, "_resume_hook", None)
-        if hook is not None:
-            hook.remove()
-            self._resume_hook = None
+        self._remove_hooks()
         if stage == "fit" and not self.plan.is_empty() and distributed.is_spawned_worker(trainer):
             distributed.keep_pruned_weights_in_worker(pl_module)
 
@@ -185,6 +263,12 @@ class PruneCallback(Callback):
             if plan.is_empty() or shapes_match:
                 return
             example = _zeros_like_shapes(saved.get("example_shape"), module)
+            snapshot, previous_plan = ModelSnapshot(module), self.plan
+
+            def restore() -> None:
+                snapshot.restore()
+                self.plan = previous_plan
+
             with interop.eager_forward(module):
                 apply_plan(module, plan, example, **self.graph_kwargs)
             # Weight averaging's copy is restored after the module: give it the pruned structure too.
@@ -193,6 +277,7 @@ class PruneCallback(Callback):
                     apply_plan(averaged, plan, _to_device(example, next(averaged.parameters()).device),
                                **self.graph_kwargs)
             self.plan = plan
+            self._resume_restore = restore
 
         return hook
 
@@ -206,6 +291,7 @@ class PruneCallback(Callback):
             "example_shape": self.example_shape,
             "reports": list(self.reports),
             "excluded_groups": dict(self.excluded_groups),
+            "failed_events": [dict(e) for e in self.failed_events],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -216,6 +302,7 @@ class PruneCallback(Callback):
         self.example_shape = state_dict.get("example_shape")
         self.reports = list(state_dict.get("reports", []))
         self.excluded_groups = dict(state_dict.get("excluded_groups", {}))
+        self.failed_events = [dict(e) for e in state_dict.get("failed_events", [])]
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # A copy outside the callback section, so load_pruned() works without knowing the callback's state key.
@@ -276,6 +363,39 @@ class PruneCallback(Callback):
         log_baseline(trainer, self.original_flops, self.original_params, graph.widths(), self.log_widths)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
+        """One event as a transaction: on any failure or interruption the module, optimizers and plan are put
+        back as they were, then the failure policy (``on_error``) decides between skipping and raising."""
+        loss = self._last_loss
+        if loss is not None and not bool(torch.isfinite(loss).all()):
+            self._record_failure(trainer, pl_module, epoch, "non-finite loss",
+                                 f"the training loss before the event is {loss.item()}")
+            return
+        transaction = EventTransaction(trainer, pl_module, self)
+        try:
+            self._run_event(trainer, pl_module, target, epoch)
+        except BaseException as error:
+            transaction.rollback()
+            if not isinstance(error, Exception) or isinstance(error, InconsistentRanksError):
+                raise  # KeyboardInterrupt/SystemExit, or ranks that disagree: stop, with the model whole
+            if isinstance(error, NonFiniteScoresError):
+                self._record_failure(trainer, pl_module, epoch, "non-finite scores", str(error))
+                return
+            if self.on_error == "raise":
+                raise
+            self._record_failure(trainer, pl_module, epoch, "error", f"{type(error).__name__}: {error}")
+
+    def _record_failure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int, reason: str,
+                        detail: str) -> None:
+        self.failed_events.append({"epoch": int(epoch), "reason": reason, "error": detail})
+        rank_zero_warn(f"Pruning at epoch {epoch} failed ({reason}) and was skipped; training continues on the model "
+                       f"as it was (model, optimizer state and plan unchanged). {detail}")
+        try:
+            pl_module.log("prune/failed_events", float(len(self.failed_events)), on_step=False, on_epoch=True,
+                          sync_dist=False, rank_zero_only=True)
+        except Exception:  # logging is best effort here: the failure is already on record and warned about
+            pass
+
+    def _run_event(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
         example = self._example_input(trainer, pl_module)
         graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
                                 plan=self.plan, **self.graph_kwargs)
@@ -310,19 +430,10 @@ class PruneCallback(Callback):
                 evaluate=evaluate, sensitivity=self.sensitivity, on_surgery=after_surgery,
                 before_surgery=distributed.removal_verifier(trainer), epoch=epoch,
             )
-        except InconsistentRanksError:
-            raise
-        except PruningError as error:
+        except BaseException:
+            # Groups found unprunable stay remembered; everything else is rolled back by _prune.
             self.excluded_groups.update(graph.excluded)
-            if graph.plan.checksum() == self.plan.checksum():
-                rank_zero_warn(f"Pruning at epoch {epoch} failed and was skipped; training continues on the model "
-                               f"as it was. {error}")
-                return
-            # Sensitivity rounds before the failing one were applied (each atomically): keep them on record.
-            rank_zero_warn(f"Pruning at epoch {epoch} stopped early; the rounds before the failure are kept. {error}")
-            distributed.rewrap(trainer, pl_module)
-            self.plan = graph.plan
-            return
+            raise
         self.excluded_groups.update(graph.excluded)
         distributed.rewrap(trainer, pl_module)
         distributed.verify_same_plan(trainer, graph.plan)
@@ -393,6 +504,43 @@ class PruneCallback(Callback):
         return self._train_loader(trainer)
 
 
+def _make_criterion(criterion: Any, criterion_kwargs: Any) -> Any:
+    """The criterion object; errors in ``criterion_kwargs`` name ``criterion_kwargs``."""
+    kwargs = check_mapping("criterion_kwargs", criterion_kwargs)
+    if kwargs and not isinstance(criterion, str):
+        raise ValueError("criterion_kwargs are only accepted with a criterion name (criterion='l1', ...); got a "
+                         f"{type(criterion).__name__} object: configure it directly instead.")
+    if not kwargs:
+        return criteria_module.get(criterion)
+    base = criteria_module.get(criterion)  # the name is checked first, with its own message
+    try:
+        return preflight.build_criterion(criterion, kwargs)  # unknown keys fail naming the constructor's keys
+    except TypeError as error:
+        import inspect
+
+        accepted = [p for p in inspect.signature(type(getattr(base, "base", base)).__init__).parameters
+                    if p not in ("self", "args", "kwargs")]
+        raise ValueError(f"criterion_kwargs={kwargs!r} are not accepted by criterion {criterion!r} ({error}); "
+                         f"accepted keys: {', '.join(map(repr, accepted)) or 'none'}.") from None
+
+
+def _is_iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _check_example_input(example: Any) -> None:
+    if example is None or isinstance(example, (torch.Tensor, dict)):
+        return
+    if isinstance(example, (tuple, list)) and example and all(isinstance(x, torch.Tensor) for x in example):
+        return
+    raise ArgumentTypeError(f"example_input must be a tensor, a tuple of tensors (positional inputs), a dict "
+                            f"(keyword inputs) or None; got {type(example).__name__}.")
+
+
 def _give_num_classes(criterion: Any, num_classes: int | None) -> None:
     """Class-discrimination criteria keep per-class state; with the number of classes known, that state has the
     same shape on every DDP rank. Walks wrappers (``Variety``) and blends."""
@@ -438,14 +586,19 @@ def load_pruned(module_class: type[pl.LightningModule], checkpoint_path: str, *,
     Constructs ``module_class`` from the checkpoint's hyper-parameters (``kwargs`` override them), rebuilds the
     pruned structure from the plan stored in the checkpoint, loads the weights and returns the module in eval
     mode. The checkpoint is read with ``torch.load(weights_only=True)``."""
-    checkpoint = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    if not isinstance(module_class, type) or not issubclass(module_class, torch.nn.Module):
+        raise TypeError(f"module_class must be a LightningModule class, got {module_class!r}.")
+    checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
     # LightningCLI records how it instantiated the module under private keys; they are not constructor arguments.
     hparams = {k: v for k, v in (checkpoint.get("hyper_parameters") or {}).items()
                if k not in ("_instantiator", "_class_path")}
     hparams.update(kwargs)
     module = module_class(**hparams)
     saved = checkpoint.get(CHECKPOINT_KEY) or {}
-    plan = PruningPlan.from_dict(saved.get("plan"))
+    try:
+        plan = PruningPlan.from_dict(saved.get("plan"))
+    except InvalidPlanError as error:
+        raise InvalidPlanError(f"checkpoint {checkpoint_path}: its pruning plan is invalid: {error}") from error
     if not plan.is_empty():
         with interop.eager_forward(module):  # a module that compiles its network in __init__
             apply_plan(module, plan, _zeros_like_shapes(saved.get("example_shape"), module))

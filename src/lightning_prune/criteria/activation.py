@@ -84,7 +84,8 @@ class SiteCriterion(Criterion):
                     f"criterion {self.name!r}: statistics of group {group.name!r} at {site!r} cover "
                     f"{scores.numel()} channels but the group has {group.size}; call reset() after pruning."
                 )
-            per_site.append(torch.nan_to_num(scores.to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0))
+            # NaN stays NaN: a non-finite network must not look like one with uninformative channels.
+            per_site.append(scores.to(torch.float64))
         return combine_scores(per_site, self.combine)
 
 

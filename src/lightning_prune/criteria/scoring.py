@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import NonFiniteScoresError
 from ..structure import ChannelGroup, GroupMember
 from ..structure.tracing import call_model, move_to_device
 from .base import Criterion, get
@@ -295,5 +296,11 @@ def _checked(criterion: Criterion, group: ChannelGroup) -> torch.Tensor:
         raise ValueError(
             f"criterion {getattr(criterion, 'name', criterion)!r} returned {tuple(scores.shape)} scores for group "
             f"{group.name!r}; expected ({group.size},)"
+        )
+    if scores.is_floating_point() and not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise NonFiniteScoresError(
+            f"criterion {getattr(criterion, 'name', criterion)!r} gave {bad} NaN or infinite score(s) for group "
+            f"{group.name!r}: the weights, activations or scoring data are not finite. Nothing was pruned."
         )
     return scores

@@ -10,6 +10,7 @@ with disjoint index sets.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..errors import ArgumentTypeError, check_bool, check_fraction, check_int
 
 __all__ = [
     "DatasetCorruptedError",
@@ -182,12 +185,15 @@ class ImageClassificationDataModule(pl.LightningDataModule):
         download: bool = False,
     ) -> None:
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not isinstance(data_dir, (str, os.PathLike)):
+            raise ArgumentTypeError(f"data_dir must be a path (str or os.PathLike), got {data_dir!r} "
+                                    f"({type(data_dir).__name__}).")
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("num_workers", num_workers, minimum=0)
+        check_fraction("val_fraction", val_fraction)
+        check_int("seed", seed)
+        check_bool("pin_memory", pin_memory)
+        check_bool("download", download)
         self.data_dir = Path(data_dir).expanduser()
         self.batch_size = batch_size
         self.num_workers = num_workers

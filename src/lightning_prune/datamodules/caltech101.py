@@ -9,6 +9,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from ..errors import check_bool, check_int
 from .base import DatasetCorruptedError, DatasetNotFoundError, ImageClassificationDataModule, ImageFileDataset
 from .imagenet import imagenet_eval_transform, imagenet_train_transform
 
@@ -68,10 +69,10 @@ class Caltech101DataModule(ImageClassificationDataModule):
         include_background: bool = False,
     ) -> None:
         super().__init__(data_dir, batch_size, num_workers, pin_memory, val_fraction, seed, download)
-        if train_per_class < 1:
-            raise ValueError(f"train_per_class must be >= 1, got {train_per_class}")
-        if test_per_class is not None and test_per_class < 0:
-            raise ValueError(f"test_per_class must be >= 0 or None, got {test_per_class}")
+        check_int("image_size", image_size, minimum=1)
+        check_int("train_per_class", train_per_class, minimum=1)
+        check_int("test_per_class", test_per_class, minimum=0, allow_none=True)
+        check_bool("include_background", include_background)
         self.save_hyperparameters()
         self.image_size = image_size
         self.train_per_class = train_per_class

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from ..errors import check_bool, check_fraction, check_int
 from .base import ImageClassificationDataModule, TensorImageDataset, stratified_split
 
 __all__ = ["DIGITS_MEAN", "DIGITS_STD", "DigitsDataModule"]
@@ -55,10 +56,9 @@ class DigitsDataModule(ImageClassificationDataModule):
         augment: bool = False,
     ) -> None:
         super().__init__(data_dir or ".", batch_size, num_workers, pin_memory, val_fraction, seed, download)
-        if image_size < 1:
-            raise ValueError(f"image_size must be >= 1, got {image_size}")
-        if not 0.0 < test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        check_int("image_size", image_size, minimum=1)
+        check_fraction("test_fraction", test_fraction, allow_zero=False)
+        check_bool("augment", augment)
         self.save_hyperparameters()
         self.image_size = image_size
         self.test_fraction = test_fraction

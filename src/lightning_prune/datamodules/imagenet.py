@@ -10,6 +10,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
+from ..errors import check_int
 from .base import DatasetCorruptedError, DatasetNotFoundError, ImageClassificationDataModule, ImageFileDataset
 
 __all__ = [
@@ -104,6 +105,7 @@ class ImageNetDataModule(ImageClassificationDataModule):
                 "split='val' once to extract it, or arrange plain train/<class>/ and val/<class>/ folders."
             )
         super().__init__(data_dir, batch_size, num_workers, pin_memory, val_fraction, seed, download)
+        check_int("image_size", image_size, minimum=1)
         self.save_hyperparameters()
         self.image_size = image_size
         self.example_input_shape = (3, image_size, image_size)

@@ -24,7 +24,17 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.dependency import index_mapping as tp_index_mapping
 
-from ..errors import PruningError, UnsupportedModelError, check_choice
+from ..errors import (
+    ArgumentTypeError,
+    PlanMismatchError,
+    PruningError,
+    UnsupportedModelError,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_mapping,
+    check_number,
+)
 from .plan import PruningPlan
 from .surgery import ModelSnapshot, ParameterLineage, Slicing
 from .tracing import (
@@ -342,6 +352,30 @@ class SurgeryResult:
     seconds: float
 
 
+#: keyword options of :class:`DependencyGraph` a caller may pass through (``graph_kwargs=`` of the callback and CLI).
+GRAPH_OPTIONS = ("trace_mode", "protect_outputs", "build_timeout", "max_build_memory_mb", "customized_pruners",
+                 "forward_fn")
+
+
+def check_graph_options(param: str, options: Any) -> dict[str, Any]:
+    """Type-check ``options`` meant for :class:`DependencyGraph` (names and value types), naming ``param``."""
+    options = check_mapping(param, options, keys=GRAPH_OPTIONS)
+    if "trace_mode" in options:
+        check_choice(f"{param}['trace_mode']", options["trace_mode"], TRACE_MODES)
+    if "protect_outputs" in options:
+        check_bool(f"{param}['protect_outputs']", options["protect_outputs"])
+    for key in ("build_timeout", "max_build_memory_mb"):
+        if key in options:
+            check_number(f"{param}[{key!r}]", options[key], minimum=0, exclusive_minimum=True, allow_none=True)
+    pruners = options.get("customized_pruners")
+    if pruners is not None and not isinstance(pruners, Mapping):
+        raise ArgumentTypeError(f"{param}['customized_pruners'] must be a dict {{layer type: pruner}}, got "
+                                f"{type(pruners).__name__}.")
+    if "forward_fn" in options:
+        check_callable(f"{param}['forward_fn']", options["forward_fn"])
+    return options
+
+
 class DependencyGraph:
     """Dependency-aware channel groups of a model, and their physical removal.
 
@@ -380,6 +414,13 @@ class DependencyGraph:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         check_choice("trace_mode", trace_mode, TRACE_MODES)
+        check_bool("protect_outputs", protect_outputs)
+        check_number("build_timeout", build_timeout, minimum=0, exclusive_minimum=True, allow_none=True)
+        check_number("max_build_memory_mb", max_build_memory_mb, minimum=0, exclusive_minimum=True, allow_none=True)
+        check_callable("forward_fn", forward_fn)
+        if customized_pruners is not None and not isinstance(customized_pruners, Mapping):
+            raise ArgumentTypeError(f"customized_pruners must be a dict {{layer type: pruner}}, got "
+                                    f"{type(customized_pruners).__name__}.")
         self.model = model
         self.example_inputs = example_inputs
         self.trace_mode = trace_mode
@@ -400,8 +441,28 @@ class DependencyGraph:
         self._reference_shapes: list[tuple[int, ...]] | None = None  # set by the first, bounded, build
         self.build_seconds = 0.0
         self._build()
+        self._check_plan()
 
     # -- construction ------------------------------------------------------------------------------------------
+    def _check_plan(self) -> None:
+        """A plan given for composition must describe this model as it is now: every group it names is a module of
+        the model, and every prunable group it names has the width the plan says. Checked before any surgery."""
+        if not self.plan.groups:
+            return
+        current = {g.name: g for g in self.groups}
+        problems = []
+        for name, record in self.plan.groups.items():
+            if name not in self._order:
+                problems.append(f"group {name!r} (field 'groups') is not a module of {type(self.model).__name__}")
+            elif name in current and current[name].size != record.width:
+                problems.append(f"group {name!r}, field 'kept': the plan keeps {record.width} channels but the model "
+                                f"has {current[name].size}")
+        if problems:
+            raise PlanMismatchError(
+                "plan does not describe this model's current state (pass the plan of this pruned model, or none "
+                f"for an unpruned one); nothing was pruned: {'; '.join(problems[:8])}."
+            )
+
     def _resolve_ignore(self, ignore: Iterable[str | nn.Module]) -> set[nn.Module]:
         if isinstance(ignore, (str, nn.Module)):
             ignore = [ignore]
@@ -670,6 +731,11 @@ class DependencyGraph:
         start = time.perf_counter()
         if not checked:
             return SurgeryResult({}, {}, 0.0)
+        # The plan after this step, computed before the model is touched: a plan that does not fit fails here.
+        new_plan = self.plan.copy()
+        for name, indices in checked.items():
+            new_plan.record_removal(name, by_name[name].size, indices)
+        new_plan.add_event(removed={name: len(ix) for name, ix in checked.items()}, **event_info)
 
         snapshot = ModelSnapshot(self.model)
         lineage = ParameterLineage()
@@ -679,19 +745,22 @@ class DependencyGraph:
                     module, handler = by_name[name]._root
                     self._tp.get_pruning_group(module, handler, indices).prune()
             self._check_forward()
-        except Exception as error:
+            replacements = lineage.replacements(self.model)
+        except BaseException as error:
+            # Any interruption (KeyboardInterrupt, SystemExit included) restores the exact previous model before
+            # it propagates: nothing half-pruned can be used or checkpointed afterwards.
             snapshot.restore()
             self._rebuild_after_failure()
+            if not isinstance(error, Exception):
+                raise
             raise PruningError(
                 f"Pruning failed and the model was restored to its state before this step: "
                 f"{type(error).__name__}: {error}"
             ) from error
 
-        for name, indices in checked.items():
-            self.plan.record_removal(name, by_name[name].size, indices)
-        self.plan.add_event(removed={name: len(ix) for name, ix in checked.items()}, **event_info)
+        self.plan = new_plan
         self._groups = None
-        return SurgeryResult(checked, lineage.replacements(self.model), time.perf_counter() - start)
+        return SurgeryResult(checked, replacements, time.perf_counter() - start)
 
     def _check_forward(self) -> None:
         """Run the pruned model in eval and in train mode: both must work and keep the output shapes."""
@@ -808,29 +877,37 @@ def apply_plan(
     Afterwards ``model.load_state_dict(pruned_state_dict)`` works. Returns the graph, whose ``plan`` equals
     ``plan``. Raises :class:`PlanMismatchError` when the plan names groups or widths the model does not have.
     """
-    from ..errors import PlanMismatchError
-
-    plan = PruningPlan.from_dict(plan)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    plan = PruningPlan.from_dict(plan)  # schema, types and indices: InvalidPlanError before anything is built
     graph_kwargs.pop("ignore", None)
     graph = DependencyGraph(model, example_inputs, **graph_kwargs)
     current = {g.name: g for g in graph.groups}
     removals = {}
+    problems = []
     for name, record in plan.groups.items():
         group = current.get(name)
         if group is None:
-            raise PlanMismatchError(
-                f"plan: group {name!r} does not exist in {type(model).__name__}; was the plan made for another "
-                "architecture or configuration?"
-            )
+            problems.append(f"group {name!r} (field 'groups') does not exist in {type(model).__name__}; was the plan "
+                            "made for another architecture or configuration?")
+            continue
         if group.size != record.original_size:
-            raise PlanMismatchError(
-                f"plan: group {name!r} has {group.size} channels in this model but the plan was made on "
-                f"{record.original_size}; apply_plan needs a freshly constructed, unpruned model."
-            )
+            problems.append(f"group {name!r}, field 'original_size': the plan was made on {record.original_size} "
+                            f"channels but this model has {group.size}; apply_plan needs a freshly constructed, "
+                            "unpruned model")
+            continue
         kept = set(record.kept)
         removed = [i for i in range(group.size) if i not in kept]
+        try:
+            group.validate_removal(removed, param="kept")
+        except ValueError as error:
+            problems.append(f"group {name!r}, field 'kept': {error}")
+            continue
         if removed:
             removals[name] = removed
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise PlanMismatchError(f"plan does not fit {type(model).__name__} (the model is unchanged): {shown}.")
     graph.prune_groups(removals, source="apply_plan")
     graph.plan.events = [dict(e) for e in plan.events]
     return graph
