@@ -79,6 +79,31 @@ def test_ddp_sensitivity_with_batchnorm_reestimation_agrees_across_ranks(tmp_pat
     assert_identical_ranks(load_ranks(out))
 
 
+def _without_images(reports: list[dict]) -> list[dict]:
+    return [{**r, "sensitivity_steps": [{k: v for k, v in step.items() if k != "images"}
+                                        for step in r["sensitivity_steps"]]} for r in reports]
+
+
+def test_ddp_sensitivity_with_default_options_decides_identically_and_shares_the_trials(tmp_path):
+    """Default sensitivity options, a FLOPs target and no validation loop between epochs, so the ranks' BatchNorm
+    buffers have diverged at the event (DDP keeps them per rank). Before, each rank measured its own network and
+    the fit died with InconsistentRanksError; now every trial sees rank zero's buffers, the trials are split over
+    the ranks and every rank decides on the same gathered numbers."""
+    out = tmp_path / "run"
+    result = run(out, "--criterion", "l1", "--sensitivity-default", "--val-batches", "0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    zero, one = load_ranks(out)
+    assert zero["plan"] == one["plan"] and zero["done"] == one["done"] == [1, 2]
+    assert {k: v.shape for k, v in zero["state"].items()} == {k: v.shape for k, v in one["state"].items()}
+    assert _without_images(zero["reports"]) == _without_images(one["reports"])  # identical trial accuracies
+    steps = list(zip(zero["reports"][0]["sensitivity_steps"], one["reports"][0]["sensitivity_steps"]))
+    assert steps and zero["reports"][-1]["target_met"]
+    for mine, theirs in steps:
+        everything = (len(mine["trials"]) + 1) * zero["val_images"]  # the trials and the baseline, unsplit
+        assert 0 < mine["images"] < everything and 0 < theirs["images"] < everything
+        assert mine["images"] + theirs["images"] <= everything
+
+
 def test_ddp_resume_mid_schedule(tmp_path):
     first = run(tmp_path / "first", "--criterion", "taylor", "--stop-after", "1")
     assert first.returncode == 0, first.stderr[-5000:]

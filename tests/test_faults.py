@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from torch_pruning.pruner import function as tp_function
 
 import lightning_prune.callbacks.prune as callback_module
-import lightning_prune.pruning as pruning_module
+import lightning_prune.allocation.strategies as strategies_module
 import lightning_prune.structure.optimizer as optimizer_module
 from lightning_prune import PruningPlan, apply_plan, load_pruned
 from lightning_prune.callbacks import PruneCallback
@@ -161,8 +161,8 @@ def _fail_after_transplant(monkeypatch, exception):
 
 STAGES = {
     "scoring": lambda mp, prune, exc: mp.setattr(prune.criterion, "score", _raiser(exc, prune.criterion.score)),
-    "allocation": lambda mp, prune, exc: mp.setattr(pruning_module, "allocate",
-                                                    _raiser(exc, pruning_module.allocate)),
+    "allocation": lambda mp, prune, exc: mp.setattr(strategies_module, "allocate",
+                                                    _raiser(exc, strategies_module.allocate)),
     "surgery:plan-update": lambda mp, prune, exc: mp.setattr(PruningPlan, "add_event",
                                                              _raiser(exc, PruningPlan.add_event)),
     "surgery:midway": lambda mp, prune, exc: _fail_midway_through_replacements(mp, exc),

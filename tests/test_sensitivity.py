@@ -185,3 +185,127 @@ def test_channel_target_trims_grouped_conv_steps_symmetrically():
         assert group.size % max(group.divisions, 1) == 0
     model.train()(x[:4]).sum().backward()
     assert widths
+
+
+# -- exact mode: identical decisions to the straightforward procedure --------------------------------------------
+@pytest.fixture(scope="module")
+def trained_digits():
+    """A digits CNN trained for a few dozen steps (so trials differ), its validation split in batches of 16."""
+    from lightning_prune.datamodules import DigitsDataModule
+    from lightning_prune.models import create_model
+
+    torch.manual_seed(0)
+    data = DigitsDataModule(image_size=8, batch_size=32, seed=0)
+    data.setup("fit")
+    model = create_model("digits_cnn", num_classes=10, in_channels=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for epoch in range(3):
+        for x, y in data.train_dataloader():
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    model.eval()
+    xs, ys = zip(*data.val_dataloader())
+    x, y = torch.cat(xs), torch.cat(ys)
+    return model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]
+
+
+def _reference_step(graph, scores, accuracy, allocator, flops_model):
+    """The straightforward round: every eligible group masked in module order, the whole split each time, the
+    ``num_groups`` smallest drops (ties by name)."""
+    sizes = allocator.trial_sizes(graph, flops_model)
+    by_name = {g.name: g for g in graph.groups}
+    baseline = accuracy()
+    drops = {}
+    for name, k in sizes.items():
+        with graph.masked({name: by_name[name].lowest(scores[name], k)}):
+            drops[name] = baseline - accuracy()
+    chosen = sorted(drops, key=lambda n: (drops[n], n))[: allocator.num_groups]
+    return {name: by_name[name].lowest(scores[name], sizes[name]) for name in chosen}
+
+
+@pytest.mark.parametrize("num_groups", [1, 2])
+def test_exact_mode_with_early_exit_decides_like_the_straightforward_procedure(trained_digits, num_groups):
+    import copy
+
+    from lightning_prune.allocation import AccuracyEvaluator
+
+    model = copy.deepcopy(trained_digits[0])
+    val = trained_digits[1]
+    graph = DependencyGraph(model, val[0][0][:2])
+    evaluator = AccuracyEvaluator(model, val)
+    full = sum(len(y) for _, y in val)
+
+    def plain_accuracy() -> float:
+        with torch.no_grad():
+            return sum(int((model(x).argmax(1) == y).sum()) for x, y in val) / full
+
+    allocator = SensitivityAllocator(num_groups=num_groups, prune_multiple=2.0, progress=False)
+    l1 = get("l1")
+    exited = 0
+    for _ in range(6):
+        scores = {g.name: l1.score(g) for g in graph.groups}
+        flops_model = FlopsModel(graph, val[0][0][:2])
+        expected = _reference_step(graph, scores, plain_accuracy, allocator, flops_model)
+        images = evaluator.images
+        removals = allocator.step(graph, scores, evaluator, flops_model)
+        assert removals == expected
+        step = allocator.last_step
+        assert step.images == evaluator.images - images <= (len(step.trials) + 1) * full
+        for trial in step.trials.values():
+            exited += trial.get("exact", True) is False
+        if not removals:
+            break
+        graph.prune_groups(removals)
+    assert exited > 0  # the bound did stop some trials early, without changing a decision
+
+
+def test_early_exit_bound_is_an_upper_bound(trained_digits):
+    from lightning_prune.allocation import AccuracyEvaluator
+
+    model, val = trained_digits
+    evaluator = AccuracyEvaluator(model, val)
+    correct, seen = evaluator.correct()
+    assert seen == evaluator.total == sum(len(y) for _, y in val)
+    assert evaluator() == correct / seen
+    partial, partial_seen = evaluator.correct(at_least=correct + 1)  # unreachable: stops before the end
+    assert partial_seen < seen and partial + (seen - partial_seen) < correct + 1
+    assert partial + (seen - partial_seen) >= correct
+
+
+def test_budgets_stop_cleanly_and_report_it(trained_digits):
+    import copy
+
+    import lightning_prune as lp
+
+    model = copy.deepcopy(trained_digits[0])
+    val = trained_digits[1]
+    with pytest.warns(UserWarning, match="max_rounds=2"):
+        report = lp.prune(model, val[0][0][:2], criterion="l1", flops_reduction=0.5, allocation="sensitivity",
+                          val_dataloader=val, sensitivity={"progress": False, "max_rounds": 2})
+    assert len(report.sensitivity_steps) == 2 and not report.target_met
+    assert 0 < report.flops_reduction < 0.5
+    model(val[0][0])  # the pruned model runs
+
+
+def test_weight_scores_are_recomputed_only_for_changed_groups(trained_digits):
+    import copy
+
+    from lightning_prune.allocation.strategies import AllocationContext, _ScoreCache
+
+    model = copy.deepcopy(trained_digits[0])
+    graph = DependencyGraph(model, trained_digits[1][0][0][:2])
+    l1 = get("l1")
+    ctx = AllocationContext(graph=graph, criterion=l1, target=0.5, target_kind="flops", round_to=None,
+                            max_group_sparsity=0.9, original_flops=1.0, score=lambda: {}, apply=lambda r: None,
+                            exclude=lambda r: False)
+    cache = _ScoreCache(ctx, rescore_every=1)
+    first = cache.get()
+    assert cache.computed == len(graph.groups)
+    assert cache.get().keys() == first.keys() and cache.computed == len(graph.groups)  # nothing changed
+    name = graph.groups[1].name
+    graph.prune_groups({name: [0, 1]})
+    again = cache.get()
+    # the pruned group and its neighbours (whose tensors lost input channels) were rescored, not the others
+    assert len(graph.groups) < cache.computed < 2 * len(graph.groups)
+    assert all(torch.equal(again[g.name], l1.score(g)) for g in graph.groups)

@@ -16,7 +16,15 @@ import torch
 from torch import nn
 
 from . import criteria as criteria_module
-from .allocation import ALLOCATIONS, allocate, sensitivity_allocator
+from .allocation import ALLOCATIONS, sensitivity_allocator
+from .allocation.evaluation import LOCAL, AccuracyEvaluator, Collective
+from .allocation.strategies import (  # noqa: F401  (choose_removals, _trim: importable from here as before)
+    AllocationContext,
+    _trim,
+    choose_removals,
+    get_strategy,
+    max_sparsity as _max_sparsity,
+)
 from .errors import (
     ArgumentTypeError,
     PruningError,
@@ -111,66 +119,6 @@ class PruneReport:
         return "\n".join(lines)
 
 
-def choose_removals(
-    graph: DependencyGraph,
-    scores: dict[str, torch.Tensor],
-    target: float,
-    *,
-    target_kind: str,
-    allocation: str,
-    round_to: int | None,
-    max_group_sparsity: float,
-    flops_model: FlopsModel | None = None,
-    original_flops: float | None = None,
-) -> tuple[dict[str, list[int]], bool]:
-    """Indices to remove per group to reach ``target``, and whether it is reached.
-
-    A channel target goes straight to :func:`allocate`. A FLOPs target is turned into the smallest channel target
-    whose predicted FLOPs meet it (bisection over :class:`FlopsModel` predictions, no trial surgery)."""
-    groups = graph.groups
-
-    def removals_for(channel_target: float) -> dict[str, list[int]]:
-        return allocate(groups, scores, channel_target, allocation=allocation, round_to=round_to,
-                        max_group_sparsity=max_group_sparsity)
-
-    if target_kind == "channels":
-        removals = removals_for(target)
-        remaining = sum(g.size - len(removals.get(g.name, [])) for g in groups)
-        original = sum(g.original_size for g in groups)
-        reached = 1 - remaining / original if original else 0.0
-        return removals, reached >= target - 1.0 / max(original, 1) - 1e-9 or reached >= _max_sparsity(groups, max_group_sparsity)
-
-    assert flops_model is not None and original_flops
-    goal = original_flops * (1.0 - target)
-
-    def predicted(removals: dict[str, list[int]]) -> float:
-        return flops_model.predict({g.name: g.size - len(removals.get(g.name, [])) for g in groups})
-
-    if predicted({}) <= goal:
-        return {}, True
-    low, high = graph.channel_sparsity(), 0.999
-    best = removals_for(high)
-    if predicted(best) > goal:
-        return best, False
-    for _ in range(40):
-        mid = (low + high) / 2
-        candidate = removals_for(mid)
-        if predicted(candidate) <= goal:
-            high, best = mid, candidate
-        else:
-            low = mid
-        if high - low < 1e-4:
-            break
-    return best, True
-
-
-def _max_sparsity(groups: Iterable, max_group_sparsity: float) -> float:
-    groups = list(groups)
-    original = sum(g.original_size for g in groups)
-    floor = sum(max(g.min_size, int(g.original_size * (1 - max_group_sparsity) + 0.999999)) for g in groups)
-    return 1 - floor / original if original else 0.0
-
-
 def prune_event(
     graph: DependencyGraph,
     criterion: criteria_module.Criterion,
@@ -194,33 +142,87 @@ def prune_event(
     recalibration_data: Iterable | None = None,
     recalibrate_batches: int = 0,
     world_size: int = 1,
+    collective: Collective = LOCAL,
     **event_info: Any,
 ) -> PruneReport:
     """Score, allocate and remove channels until ``target`` is reached. See :func:`prune` for the arguments.
+
+    A pipeline: measure the model, build the :class:`~lightning_prune.allocation.AllocationContext`, let the
+    allocation strategy (``allocation``: uniform, global, sensitivity) decide and apply removals, re-estimate
+    BatchNorm if asked, measure again and report.
 
     ``before_surgery(removals)`` may veto a surgery by raising (DDP checks that every rank agrees);
     ``on_surgery`` is called after every successful surgery (an optimizer transplant);
     ``measure=False`` skips the fvcore counts (then the report's FLOPs are predictions).
     ``recalibration_data`` (training batches) feeds BatchNorm re-estimation: in sensitivity trials when the
     allocator's ``recalibrate_batches`` > 0, and after the last surgery when ``recalibrate_batches`` > 0; under
-    DDP the statistics are averaged over ``world_size`` ranks with ``reduce_state``."""
-    from .criteria.scoring import score_groups
-
-    model, example_inputs = graph.model, graph.example_inputs
+    DDP the statistics are averaged over ``world_size`` ranks with ``reduce_state``. ``collective`` shards
+    sensitivity trials and Blend's search over the DDP ranks."""
     start = time.perf_counter()
-    widths_before = graph.widths()
-    params_before = count_params(model)
-    flops_model = FlopsModel(graph, example_inputs)
-    flops_before = flops_model.total_measured
+    model, example_inputs = graph.model, graph.example_inputs
+    widths_before, params_before = graph.widths(), count_params(model)
+    flops_before = FlopsModel(graph, example_inputs).total_measured
     if original_flops is None:
         original_flops = flops_before
+    removed: dict[str, int] = {}
+    recalibrator = _recalibrator(model, recalibration_data, batch_fn, reduce_state, world_size)
+    ctx = AllocationContext(
+        graph=graph, criterion=criterion, target=target, target_kind=target_kind, round_to=round_to,
+        max_group_sparsity=max_group_sparsity, original_flops=original_flops,
+        score=_scorer(graph, criterion, dataloader, scoring_batches, batch_fn, loss_fn, reduce_state),
+        apply=_surgeon(graph, removed, before_surgery, on_surgery, event_info),
+        exclude=lambda removals: exclude_breaking_groups(graph, removals), evaluate=evaluate,
+        collective=collective, recalibrator=recalibrator, sensitivity=dict(sensitivity or {}),
+    )
+    strategy = get_strategy(allocation)
+    strategy.check(ctx)
+    strategy.run(ctx)  # target_met is judged below, on the pruned model
+    if recalibrate_batches and removed:
+        recalibrator(recalibrate_batches)()
+    flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
+    met = check_target(graph, target, target_kind, flops_after, original_flops, max_group_sparsity, round_to,
+                       stop_reason=ctx.stop_reason)
+    return PruneReport(
+        flops_before=flops_before, flops_after=flops_after, params_before=params_before,
+        params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
+        original_widths=graph.original_widths(), removed=removed, seconds=time.perf_counter() - start,
+        target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
+        original_flops=original_flops, sensitivity_steps=ctx.records,
+    )
+
+
+def _scorer(graph: DependencyGraph, criterion: Any, dataloader: Iterable | None, scoring_batches: int | None,
+            batch_fn: Callable | None, loss_fn: Callable | None, reduce_state: Callable | None) -> Callable:
+    from .criteria.scoring import score_groups
 
     def score() -> dict[str, torch.Tensor]:
-        return score_groups(model, graph.groups, criterion, dataloader, scoring_batches=scoring_batches,
+        return score_groups(graph.model, graph.groups, criterion, dataloader, scoring_batches=scoring_batches,
                             batch_fn=batch_fn, loss_fn=loss_fn, reduce_state=reduce_state)
 
-    removed: dict[str, int] = {}
-    sensitivity_steps: list[dict[str, Any]] = []
+    return score
+
+
+def _surgeon(graph: DependencyGraph, removed: dict[str, int], before_surgery: Callable | None,
+             on_surgery: Callable | None, event_info: dict[str, Any]) -> Callable[[dict[str, list[int]]], None]:
+    """``apply(removals)``: verify (DDP), prune atomically, count, transplant."""
+
+    def apply(removals: dict[str, list[int]]) -> None:
+        if not removals:
+            return
+        if before_surgery is not None:
+            before_surgery(removals)
+        result = graph.prune_groups(removals, **event_info)
+        for name, indices in result.removed.items():
+            removed[name] = removed.get(name, 0) + len(indices)
+        if on_surgery is not None:
+            on_surgery(result)
+
+    return apply
+
+
+def _recalibrator(model: nn.Module, recalibration_data: Iterable | None, batch_fn: Callable | None,
+                  reduce_state: Callable | None, world_size: int) -> Callable[[int], Callable[[], int]]:
+    """``recalibrator(num_batches)`` -> a callable re-estimating BatchNorm statistics on training batches."""
 
     def recalibrator(num_batches: int) -> Callable[[], int]:
         if recalibration_data is None:
@@ -242,87 +244,7 @@ def prune_event(
 
         return run
 
-    def apply(removals: dict[str, list[int]]) -> None:
-        if not removals:
-            return
-        if before_surgery is not None:
-            before_surgery(removals)
-        result = graph.prune_groups(removals, **event_info)
-        for name, indices in result.removed.items():
-            removed[name] = removed.get(name, 0) + len(indices)
-        if on_surgery is not None:
-            on_surgery(result)
-
-    if allocation == "sensitivity":
-        if evaluate is None:
-            raise ValueError("allocation='sensitivity' needs validation data: pass val_dataloader (held out from "
-                             "the training set, never the test set).")
-        options = dict(sensitivity or {})
-        # max_group_sparsity caps every allocation; for sensitivity it is a floor on the width fraction.
-        options["min_width_fraction"] = max(options.get("min_width_fraction", 0.125), 1.0 - max_group_sparsity)
-        allocator = sensitivity_allocator(options)
-        trial_recalibration = recalibrator(allocator.recalibrate_batches) if allocator.recalibrate_batches else None
-        met = False
-        while True:
-            if target_kind == "channels":
-                met = graph.channel_sparsity() >= target - 1e-9
-            flops_model = FlopsModel(graph, example_inputs)  # one fvcore trace per round, at the current widths
-            if target_kind == "flops":
-                met = flops_model.total_measured <= original_flops * (1 - target)
-            if met:
-                break
-            budget = None if target_kind == "channels" else flops_model.total_measured - original_flops * (1 - target)
-            scores = score()
-            step = allocator.step(graph, scores, evaluate, flops_model, flops_budget=budget,
-                                  recalibrate=trial_recalibration)
-            if not step:
-                break
-            if target_kind == "channels":  # do not overshoot a channel target
-                original = sum(g.original_size for g in graph.groups)
-                budget = int(round((target - graph.channel_sparsity()) * original))
-                step = _trim(graph, step, scores, max(budget, 1))
-            try:
-                apply(step)
-            except PruningError:
-                if not exclude_breaking_groups(graph, step):
-                    raise
-                continue
-            sensitivity_steps.append(_step_record(allocator.last_step, step))
-    else:
-        def decide(scores: dict[str, torch.Tensor]) -> tuple[dict[str, list[int]], bool]:
-            return choose_removals(
-                graph, scores, target, target_kind=target_kind, allocation=allocation, round_to=round_to,
-                max_group_sparsity=max_group_sparsity, flops_model=flops_model, original_flops=original_flops,
-            )
-
-        if hasattr(criterion, "search") and evaluate is None:
-            raise ValueError("criterion 'blend' searches its weights on held-out data: pass val_dataloader "
-                             "(one-shot prune) or give the trainer a validation dataloader (callback).")
-        scores = score()
-        while True:
-            removals, met = decide(scores)
-            if hasattr(criterion, "search"):  # Blend: evolve the calibration weights at this event's removal counts
-                criterion.search(graph, evaluate, {name: len(ix) for name, ix in removals.items()})
-                removals, met = decide({g.name: criterion.score(g) for g in graph.groups})
-            try:
-                apply(removals)
-                break
-            except PruningError:
-                # Each retry excludes at least one group, so this ends.
-                if not exclude_breaking_groups(graph, removals):
-                    raise
-
-    if recalibrate_batches and removed:
-        recalibrator(recalibrate_batches)()
-    flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
-    met = check_target(graph, target, target_kind, flops_after, original_flops, max_group_sparsity, round_to)
-    return PruneReport(
-        flops_before=flops_before, flops_after=flops_after, params_before=params_before,
-        params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
-        original_widths=graph.original_widths(), removed=removed, seconds=time.perf_counter() - start,
-        target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
-        original_flops=original_flops, sensitivity_steps=sensitivity_steps,
-    )
+    return recalibrator
 
 
 def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int]]) -> bool:
@@ -337,30 +259,6 @@ def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int
     warnings.warn(f"{len(broken)} channel group(s) cannot be pruned and are left at full width: {details}. "
                   "The rest of the model is pruned (add them to ignore= to skip this check).", stacklevel=3)
     return True
-
-
-def _step_record(step: Any, applied: dict[str, list[int]]) -> dict[str, Any]:
-    return {
-        "baseline": step.baseline,
-        "trials": {name: dict(trial) for name, trial in step.trials.items()},
-        "chosen": list(applied),
-        "removed": {name: len(indices) for name, indices in applied.items()},
-    }
-
-
-def _trim(graph: DependencyGraph, step: dict[str, list[int]], scores: dict[str, torch.Tensor],
-          budget: int) -> dict[str, list[int]]:
-    """Shrink a sensitivity step to remove at most ``budget`` channels: each group keeps its lowest-scored
-    channels, in whole grouped-conv positions (a multiple of ``divisions``), so the removal stays symmetric."""
-    trimmed = {}
-    for name, indices in step.items():
-        group = graph.group(name)
-        count = min(len(indices), budget - budget % group.divisions)
-        if count <= 0:
-            continue
-        trimmed[name] = group.lowest(scores[name], count)
-        budget -= count
-    return trimmed or step
 
 
 def prune(
@@ -481,29 +379,8 @@ def _check_prune_arguments(model: Any, *, ignore: Any, dataloader: Any, batch_fn
     check_graph_options("graph_kwargs (extra keyword arguments of prune)", graph_kwargs)
 
 
-def _accuracy_evaluator(model: nn.Module, dataloader: Iterable, batch_fn: Callable | None) -> Callable[[], float]:
-    """Top-1 accuracy of ``model`` (eval mode, restored afterwards) on every batch of ``dataloader``."""
-    from .criteria.scoring import default_batch_fn
-
-    split = batch_fn or default_batch_fn
-
-    def evaluate() -> float:
-        modes = [(m, m.training) for m in model.modules()]
-        model.eval()
-        correct = total = 0
-        device = next(model.parameters()).device
-        try:
-            with torch.no_grad():
-                for batch in dataloader:
-                    inputs, labels = split(batch)
-                    outputs = model(inputs.to(device))
-                    if not isinstance(outputs, torch.Tensor):
-                        outputs = outputs[0]
-                    correct += (outputs.argmax(1).cpu() == labels.cpu()).sum().item()
-                    total += labels.numel()
-        finally:
-            for module, training in modes:
-                module.training = training
-        return correct / total if total else 0.0
-
-    return evaluate
+def _accuracy_evaluator(model: nn.Module, dataloader: Iterable, batch_fn: Callable | None,
+                        **kwargs: Any) -> AccuracyEvaluator:
+    """Top-1 accuracy of ``model`` (eval mode, restored afterwards) on every batch of ``dataloader``: an
+    :class:`~lightning_prune.allocation.evaluation.AccuracyEvaluator` (read once, counted, early-exit capable)."""
+    return AccuracyEvaluator(model, dataloader, batch_fn, **kwargs)

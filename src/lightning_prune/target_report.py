@@ -70,11 +70,12 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
 
 
 def check_target(graph: Any, target: float, target_kind: str, flops_after: float, original_flops: float | None,
-                 max_group_sparsity: float, round_to: int | None) -> bool:
-    """:func:`assess_target`, warning (naming the caps) when the target was not met. Returns ``met``."""
+                 max_group_sparsity: float, round_to: int | None, stop_reason: str | None = None) -> bool:
+    """:func:`assess_target`, warning (naming the caps, and ``stop_reason`` when the allocation stopped early, e.g.
+    at ``max_rounds``) when the target was not met. Returns ``met``."""
     met, _, why_not = assess_target(graph, target, target_kind, flops_after=flops_after,
                                     original_flops=original_flops, max_group_sparsity=max_group_sparsity,
                                     round_to=round_to)
     if not met:
-        warnings.warn(why_not, stacklevel=3)
+        warnings.warn(f"{why_not} Stopped early: {stop_reason}." if stop_reason else why_not, stacklevel=3)
     return met

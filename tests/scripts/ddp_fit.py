@@ -69,8 +69,17 @@ class SaveRankResult(pl.Callback):
             "plan": self.prune.plan.checksum(),
             "done": list(self.prune.done_epochs),
             "world_size": trainer.world_size,
+            "val_images": self._val_images(trainer),
+            "reports": [{"sensitivity_steps": r.get("sensitivity_steps", []), "target_met": r.get("target_met")}
+                        for r in self.prune.reports],
         }
         torch.save(result, self.out / f"rank{trainer.global_rank}.pt")
+
+    @staticmethod
+    def _val_images(trainer) -> int:
+        # lightning.pytorch runs get their data as dataloaders, not as a datamodule
+        source = trainer.datamodule.val_dataloader() if trainer.datamodule is not None else trainer.val_dataloaders
+        return sum(len(batch[1]) for batch in source) if source is not None else 0
 
 
 class StopAfterEpoch(pl.Callback):
@@ -95,6 +104,12 @@ def main() -> None:
                         help="Lightning import name; lightning.pytorch runs a user-style module of that namespace")
     parser.add_argument("--sensitivity-bn", action="store_true",
                         help="sensitivity allocation with BatchNorm re-estimation in every trial")
+    parser.add_argument("--sensitivity-default", action="store_true",
+                        help="sensitivity allocation to a FLOPs target with the default options")
+    parser.add_argument("--model", default="digits_cnn")
+    parser.add_argument("--val-batches", type=float, default=2,
+                        help="limit_val_batches; 0 turns the validation loop off (the pruning still validates)")
+    parser.add_argument("--sensitivity-options", default=None, help="JSON dict of sensitivity options")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,8 +126,15 @@ def main() -> None:
     if args.sensitivity_bn:
         extra = dict(allocation="sensitivity",
                      sensitivity={"recalibrate_batches": 2, "num_groups": 2, "prune_multiple": 2.0, "progress": False})
-    prune = PruneCallback(amount=0.5, epochs=[1, 2], criterion=criterion, scoring_batches=scoring_batches,
-                          verbose=False, **extra)
+    target = dict(amount=0.5)
+    if args.sensitivity_default:
+        import json
+
+        options = json.loads(args.sensitivity_options) if args.sensitivity_options else None
+        target = dict(flops_reduction=0.3)
+        extra = dict(allocation="sensitivity", sensitivity=options)
+    prune = PruneCallback(epochs=[1, 2], criterion=criterion, scoring_batches=scoring_batches,
+                          verbose=False, **target, **extra)
     callbacks = [prune, RecordFirstEventState(prune, out), SaveRankResult(prune, out)]
     if not args.inconsistent and not args.resume and args.namespace == "pytorch_lightning":
         callbacks.insert(0, UnionStatistics(args.criterion, scoring_batches, out))
@@ -120,7 +142,7 @@ def main() -> None:
         callbacks.append(StopAfterEpoch(args.stop_after))
     dm = DigitsDataModule(image_size=IMAGE, batch_size=32, seed=0)
     if args.namespace == "pytorch_lightning":
-        module = ClassificationModule(model="digits_cnn", num_classes=10, in_channels=1, lr=0.05,
+        module = ClassificationModule(model=args.model, num_classes=10, in_channels=1, lr=0.05,
                                       example_input_shape=(1, IMAGE, IMAGE))
         data = {"datamodule": dm}
     else:  # a lightning.pytorch Trainer takes only lightning.pytorch modules (and datamodules)
@@ -133,7 +155,7 @@ def main() -> None:
     trainer = importlib.import_module(args.namespace).Trainer(
         accelerator="cpu", devices=2, strategy=args.strategy, max_epochs=4, callbacks=callbacks, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        sync_batchnorm=args.sync_batchnorm, default_root_dir=str(out), limit_train_batches=6, limit_val_batches=2,
+        sync_batchnorm=args.sync_batchnorm, default_root_dir=str(out), limit_train_batches=6, limit_val_batches=int(args.val_batches),
     )
     trainer.fit(module, **data, ckpt_path=args.resume)
     if args.stop_after is not None:

@@ -21,12 +21,13 @@ import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
 from ..structure import DependencyGraph, FlopsModel
 from ..structure.tracing import preserved_state
+from .evaluation import LOCAL, AccuracyEvaluator, Collective
 
 
 @dataclass
@@ -43,6 +44,8 @@ class SensitivityStep:
     removed: dict[str, int] = field(default_factory=dict)
     flops_before: int | None = None
     flops_after: int | None = None
+    #: image-forwards this round cost on this rank (0 when ``evaluate`` does not count them)
+    images: int = 0
 
 
 @dataclass
@@ -59,6 +62,18 @@ class SensitivityResult:
     message: str
 
 
+MODES = ("exact", "fast")
+SHARDS = ("groups", "data")
+BASELINE = ""  # the unmasked network, evaluated beside the trials
+
+
+def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}an integer >= {minimum}, got {value!r}.")
+
+
 class SensitivityAllocator:
     """Per-group pruning amounts from FLOP-normalized sensitivity analysis (paper 2, steps a–e).
 
@@ -69,41 +84,86 @@ class SensitivityAllocator:
         min_width_fraction: a group is eligible while it would keep at least ``ceil(min_width_fraction ·
             original_size)`` channels (and at least ``min_size``) after losing ``k_l`` (default 0.125).
         num_groups: groups pruned per round (the authors' ``num_layers``; default 1).
-        progress: show a tqdm progress bar over the trial groups.
+        progress: show a tqdm progress bar over the rounds (rank zero) with an ETA.
         recalibrate_batches: re-estimate BatchNorm statistics on this many training batches before the baseline
             and before each trial (the ``recalibrate`` callable of :meth:`step`; default 0 = no, as in the
             paper). Masked channels shift the inputs of the next BatchNorm; with stale statistics every trial of
             a BatchNorm network can fall to chance accuracy and the ranking becomes noise. [design]
+        mode: ``"exact"`` (default): the paper's procedure; every round evaluates every eligible group and the
+            decisions are those of the straightforward loop. ``"fast"``: an opt-in approximation: between full
+            refreshes (every ``refresh_every`` rounds) only the ``top_k`` groups of the last refresh are
+            re-evaluated, scores of data-driven criteria are reused for ``rescore_every`` rounds and FLOPs are
+            predicted instead of re-counted. [design]
+        early_exit: stop a trial's validation pass once even all remaining images being correct could not bring
+            it among the ``num_groups`` best trials measured so far (default True; never changes a decision: the
+            bound is exact). The trial's recorded ``accuracy`` is then that upper bound (``"exact": False``).
+        shard: under DDP, how the ranks split a round: ``"groups"`` (default; each rank evaluates every
+            ``world_size``-th trial on the whole split, the results are gathered) or ``"data"`` (every rank runs
+            every trial on its share of the split, the correct counts are summed). BatchNorm re-estimation
+            (``recalibrate_batches``) always uses ``"data"`` (its statistics are all-reduced per trial). Either
+            way every rank decides on the same integers, with rank zero's BatchNorm buffers.
+        eval_batch_size: re-batch the validation split into batches of this size for the trials (default: the
+            loader's batches).
+        max_rounds: stop after this many rounds (``None``: until the target); the event reports what was reached
+            and ``target_met`` is False if it falls short.
+        time_budget_s: stop starting new rounds after this many seconds of the event (``None``: no limit).
+        rescore_every: re-score data-driven criteria every this many rounds (default 1 in exact mode: every
+            round, as the paper; ``refresh_every`` in fast mode; weight criteria are re-scored only for groups whose tensors changed, always exact). Between
+            re-scorings the stale scores are sliced to the surviving channels.
+        top_k: ``mode="fast"``: groups re-evaluated between refreshes (default ``4 · num_groups``).
+        refresh_every: ``mode="fast"``: a full round (every eligible group) every this many rounds (default 4).
 
     Deterministic: groups are tried in module order and ties in accuracy are broken by group name. ``evaluate``
     must be deterministic too (fixed validation split, no augmentation); it is called in eval mode under
-    ``torch.no_grad()``, with the model's train/eval flags and buffers restored afterwards.
+    ``torch.no_grad()``, with the model's train/eval flags and buffers restored afterwards. Pass an
+    :class:`~lightning_prune.allocation.evaluation.AccuracyEvaluator` for early exit and image counts; a plain
+    ``evaluate() -> float`` is evaluated fully every time.
 
     After :meth:`step`, ``last_step`` holds the measurements (:class:`SensitivityStep`).
 
     [design] choices beyond the paper: a group whose channels cost no FLOPs (``ΔF_l = 0``) is never eligible;
     the baseline accuracy is measured once per round (for reporting; the ranking only needs the trials);
     :meth:`plan_to_flops` trims the last round's removals to the FLOPs still missing, so the target is reached
-    with an overshoot below one ``divisions`` step of one group instead of a whole ``k_l``.
+    with an overshoot below one ``divisions`` step of one group instead of a whole ``k_l``; trials run in the
+    order of the previous round's ranking (best first), which only makes early exits earlier.
     """
 
     def __init__(self, prune_multiple: float = 0.8, min_width_fraction: float = 0.125, num_groups: int = 1,
-                 progress: bool = True, recalibrate_batches: int = 0):
+                 progress: bool = True, recalibrate_batches: int = 0, mode: str = "exact", early_exit: bool = True,
+                 shard: str = "groups", eval_batch_size: int | None = None, max_rounds: int | None = None,
+                 time_budget_s: float | None = None, rescore_every: int | None = None, top_k: int | None = None,
+                 refresh_every: int = 4):
         if isinstance(prune_multiple, bool) or not isinstance(prune_multiple, (int, float)) or prune_multiple <= 0:
             raise ValueError(f"prune_multiple must be a number > 0, got {prune_multiple!r}.")
         if (isinstance(min_width_fraction, bool) or not isinstance(min_width_fraction, (int, float))
                 or not 0.0 <= min_width_fraction < 1.0):
             raise ValueError(f"min_width_fraction must be a number in [0, 1), got {min_width_fraction!r}.")
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
-            raise ValueError(f"num_groups must be an integer >= 1, got {num_groups!r}.")
+        _check_int("num_groups", num_groups, 1)
+        _check_int("recalibrate_batches", recalibrate_batches, 0)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}.")
+        if shard not in SHARDS:
+            raise ValueError(f"shard must be one of {', '.join(map(repr, SHARDS))}, got {shard!r}.")
+        _check_int("eval_batch_size", eval_batch_size, 1, allow_none=True)
+        _check_int("max_rounds", max_rounds, 0, allow_none=True)
+        if time_budget_s is not None and (isinstance(time_budget_s, bool) or not isinstance(time_budget_s, (int, float))
+                                          or time_budget_s <= 0):
+            raise ValueError(f"time_budget_s must be None or a number of seconds > 0, got {time_budget_s!r}.")
+        _check_int("rescore_every", rescore_every, 1, allow_none=True)
+        _check_int("top_k", top_k, 1, allow_none=True)
+        _check_int("refresh_every", refresh_every, 1)
         self.prune_multiple = float(prune_multiple)
         self.min_width_fraction = float(min_width_fraction)
         self.num_groups = num_groups
         self.progress = bool(progress)
-        if isinstance(recalibrate_batches, bool) or not isinstance(recalibrate_batches, int) or recalibrate_batches < 0:
-            raise ValueError(f"recalibrate_batches must be an integer >= 0, got {recalibrate_batches!r}.")
         self.recalibrate_batches = recalibrate_batches
+        self.mode, self.early_exit, self.shard = mode, bool(early_exit), shard
+        self.eval_batch_size, self.max_rounds, self.time_budget_s = eval_batch_size, max_rounds, time_budget_s
+        self.rescore_every = rescore_every if rescore_every is not None else (refresh_every if mode == "fast" else 1)
+        self.top_k = max(top_k if top_k is not None else 4 * num_groups, num_groups)
+        self.refresh_every = refresh_every
         self.last_step: SensitivityStep | None = None
+        self._order: list[str] = []  # the previous round's ranking, best first
 
     # -- step b/c --------------------------------------------------------------------------------------------------
     def min_width(self, group: Any) -> int:
@@ -146,6 +206,8 @@ class SensitivityAllocator:
         *,
         flops_budget: float | None = None,
         recalibrate: Callable[[], Any] | None = None,
+        collective: Collective = LOCAL,
+        candidates: Iterable[str] | None = None,
     ) -> dict[str, list[int]]:
         """One analysis round: returns ``{group: indices to remove}`` for the ``num_groups`` least sensitive
         groups (empty when no group is eligible any more). Nothing is pruned; the model is left unchanged.
@@ -154,7 +216,7 @@ class SensitivityAllocator:
             graph: the dependency graph of the model (at its current widths).
             scores: one score per current channel of every eligible group (higher = keep).
             evaluate: ``evaluate() -> float``, accuracy (higher = better) of ``graph.model`` on a held-out
-                validation split; never the test set.
+                validation split; never the test set. An :class:`AccuracyEvaluator` enables early exit.
             flops_model: a :class:`FlopsModel` built at the current widths (built here when omitted).
             flops_budget: optional FLOPs still to remove; the chosen groups' removals are trimmed (keeping the
                 lowest-scored channels) so that the predicted removal does not exceed the budget by more than
@@ -162,6 +224,8 @@ class SensitivityAllocator:
             recalibrate: called (in the masked state) before the baseline and each trial is evaluated, e.g.
                 ``lambda: recalibrate_batchnorm(model, train_batches, num_batches=4)``; the BatchNorm statistics
                 are restored afterwards.
+            collective: the DDP ranks (see ``shard``); default a single process.
+            candidates: evaluate only these eligible groups (``mode="fast"`` between refreshes); default all.
         """
         if flops_model is None:
             flops_model = FlopsModel(graph, graph.example_inputs)
@@ -170,6 +234,9 @@ class SensitivityAllocator:
             raise ValueError("flops_model was built at other widths than the graph's current ones; rebuild it "
                              "with FlopsModel(graph, example_inputs) after every prune.")
         sizes = self.trial_sizes(graph, flops_model)
+        if candidates is not None:
+            wanted = set(candidates)
+            sizes = {name: k for name, k in sizes.items() if name in wanted} or sizes
         by_name = {g.name: g for g in graph.groups}
         trial_removals = {}
         for name, k in sizes.items():
@@ -177,23 +244,35 @@ class SensitivityAllocator:
                 raise ValueError(f"scores: no scores for group {name!r}.")
             trial_removals[name] = by_name[name].lowest(scores[name], k)
 
-        model = graph.model
-        result = SensitivityStep(baseline=float("nan"))
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            if recalibrate is not None:
-                recalibrate()
-            result.baseline = float(evaluate())
-            for name in self._progress(list(trial_removals)):
-                with graph.masked({name: trial_removals[name]}):
-                    if recalibrate is not None:
-                        recalibrate()
-                    accuracy = float(evaluate())
-                result.trials[name] = {"k": sizes[name], "delta_flops": float(flops_model.delta_per_channel(name)),
-                                       "accuracy": accuracy}
-        ranking = sorted(result.trials, key=lambda n: (result.baseline - result.trials[n]["accuracy"], n))
-        chosen = ranking[: self.num_groups]
+        images_before = getattr(evaluate, "images", 0)
+        runner = _TrialRunner(self, graph, evaluate, recalibrate, collective)
+        measured = runner.run(trial_removals, self._trial_order(trial_removals))
+        result = SensitivityStep(baseline=measured.pop(BASELINE)[0])
+        for name in trial_removals:  # module order, as before
+            accuracy, exact = measured[name]
+            result.trials[name] = {"k": sizes[name], "delta_flops": float(flops_model.delta_per_channel(name)),
+                                   "accuracy": accuracy}
+            if not exact:
+                result.trials[name]["exact"] = False
+        result.images = int(getattr(evaluate, "images", 0) - images_before)
+        ranking = sorted(result.trials, key=lambda n: (-runner.key[n], n))
+        self._order = ranking
+        removals = self._trimmed(ranking[: self.num_groups], trial_removals, scores, by_name, flops_model,
+                                 flops_budget)
+        result.chosen = list(removals)
+        result.removed = {name: len(ix) for name, ix in removals.items()}
+        self.last_step = result
+        return removals
 
+    def _trial_order(self, trial_removals: Mapping[str, Any]) -> list[str]:
+        """The previous ranking first (so that the early-exit threshold is high from the start), then module
+        order. The order never changes a decision."""
+        known = [n for n in self._order if n in trial_removals]
+        return known + [n for n in trial_removals if n not in set(known)]
+
+    def _trimmed(self, chosen: list[str], trial_removals: Mapping[str, list[int]], scores: Mapping[str, torch.Tensor],
+                 by_name: Mapping[str, Any], flops_model: FlopsModel, flops_budget: float | None) -> dict[str, list[int]]:
+        """Step e: the chosen groups' removals, the last ones trimmed to the FLOPs budget."""
         removals: dict[str, list[int]] = {}
         budget = None if flops_budget is None else float(flops_budget)
         widths: dict[str, int] = {}
@@ -215,17 +294,7 @@ class SensitivityAllocator:
                 widths[name] = group.size - k
                 budget = float(flops_budget) - (base - flops_model.predict(widths))
             removals[name] = indices
-        result.chosen = list(removals)
-        result.removed = {name: len(ix) for name, ix in removals.items()}
-        self.last_step = result
         return removals
-
-    def _progress(self, names: list[str]) -> Any:
-        if not self.progress:
-            return names
-        from tqdm.auto import tqdm
-
-        return tqdm(names, desc="sensitivity", unit="group", leave=False)
 
     # -- the loop ----------------------------------------------------------------------------------------------------
     def plan_to_flops(
@@ -319,3 +388,74 @@ def sensitivity_allocator(options: Mapping[str, Any] | None = None) -> Sensitivi
     if unknown:
         raise ValueError(f"sensitivity: unknown option(s) {unknown}; accepted keys: {', '.join(accepted)}.")
     return SensitivityAllocator(**options)
+
+
+class _TrialRunner:
+    """Evaluates the baseline and the masked trials of one round, sharded over the collective's ranks, with
+    early exit; every rank ends with the same ``{name: (accuracy, exact)}`` and integer ranking keys.
+
+    All trials see rank zero's BatchNorm buffers (synchronized inside ``preserved_state``, which restores each
+    rank's own afterwards), so the numbers do not depend on which rank measured them."""
+
+    def __init__(self, allocator: SensitivityAllocator, graph: DependencyGraph, evaluate: Callable[[], float],
+                 recalibrate: Callable[[], Any] | None, collective: Collective):
+        self.allocator, self.graph, self.evaluate, self.recalibrate = allocator, graph, evaluate, recalibrate
+        self.collective = collective
+        self.counting = isinstance(evaluate, AccuracyEvaluator)
+        sharded_data = self.counting and evaluate.shard_data
+        # Re-estimation all-reduces statistics in every trial: every rank must run every trial then.
+        self.split_groups = (collective.is_distributed and not sharded_data and recalibrate is None
+                             and allocator.shard == "groups")
+        self.key: dict[str, float] = {}
+
+    def run(self, trial_removals: Mapping[str, list[int]], order: list[str]) -> dict[str, tuple[float, bool]]:
+        items = order + [BASELINE]
+        mine = self.collective.shard(items) if self.split_groups else items
+        model = self.graph.model
+        local: dict[str, tuple[float, float, bool]] = {}
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            self.collective.sync_buffers(model)
+            for name in self._progress(mine):
+                removal = {name: trial_removals[name]} if name != BASELINE else {}
+                with self.graph.masked(removal):
+                    if self.recalibrate is not None:
+                        self.recalibrate()
+                    local[name] = self._measure(name, local)
+        merged = local
+        if self.split_groups:
+            merged = {}
+            for part in self.collective.gather(local):
+                merged.update(part)
+        self.key = {name: value[0] for name, value in merged.items()}
+        return {name: (value[1], value[2]) for name, value in merged.items()}
+
+    def _measure(self, name: str, done: Mapping[str, tuple[float, float, bool]]) -> tuple[float, float, bool]:
+        """``(ranking key, accuracy, exact)``: the key is the integer correct count when counting."""
+        if not self.counting:
+            accuracy = float(self.evaluate())
+            return accuracy, accuracy, True
+        threshold = self._threshold(done) if name != BASELINE else None
+        correct, seen = self.evaluate.correct(at_least=threshold)
+        total = self.evaluate.total
+        exact = seen >= total
+        correct += total - seen  # an exited pass: the upper bound that let it stop
+        accuracy = correct / total if total else 0.0
+        return float(correct), accuracy, exact
+
+    def _threshold(self, done: Mapping[str, tuple[float, float, bool]]) -> int | None:
+        """The ``num_groups``-th best exact correct count among this rank's finished trials (a trial that cannot
+        reach it cannot be chosen: the global one is at least as high)."""
+        if not self.allocator.early_exit:
+            return None
+        exact = sorted((v[0] for n, v in done.items() if n != BASELINE and v[2]), reverse=True)
+        if len(exact) < self.allocator.num_groups:
+            return None
+        return int(exact[self.allocator.num_groups - 1])
+
+    def _progress(self, names: list[str]) -> Any:
+        if not self.allocator.progress or self.collective.rank != 0 or len(names) < 2:
+            return names
+        from tqdm.auto import tqdm
+
+        return tqdm(names, desc="sensitivity trials", unit="trial", leave=False)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 
+from ..allocation.evaluation import LOCAL, AccuracyEvaluator, Collective
 from ..errors import InconsistentRanksError
 from ..structure import PruningPlan
 
@@ -94,9 +95,48 @@ def rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         register()
 
 
-def validation_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_fn: Callable | None) -> Callable[[], float]:
-    """Top-1 accuracy on the held-out validation data (never the test set). Every rank evaluates the same,
-    unsharded batches, so sensitivity decisions agree across ranks."""
+class TorchCollective(Collective):
+    """:class:`~lightning_prune.allocation.evaluation.Collective` over the trainer's process group: sensitivity
+    trials and Blend's search are split over the ranks and every rank decides on the same gathered numbers."""
+
+    def __init__(self, trainer: pl.Trainer):
+        self.trainer = trainer
+        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+
+    def _device(self) -> torch.device:
+        return self.trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+    def gather(self, value: Any) -> list[Any]:
+        values: list[Any] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def sum_ints(self, values: Sequence[int]) -> list[int]:
+        tensor = torch.tensor([int(v) for v in values], dtype=torch.int64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return [int(v) for v in tensor.cpu().tolist()]
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        device = self._device()
+        for buffer in model.buffers():
+            data = buffer.data
+            moved = data.to(device)
+            dist.broadcast(moved, src=0)
+            if moved.data_ptr() != data.data_ptr():
+                data.copy_(moved.to(data.device))
+
+
+def collective(trainer: pl.Trainer) -> Collective:
+    """The ranks of ``trainer`` (a no-op single process when not distributed)."""
+    return TorchCollective(trainer) if is_distributed(trainer) else LOCAL
+
+
+def validation_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_fn: Callable | None,
+                        shard: str = "groups") -> AccuracyEvaluator:
+    """Top-1 accuracy on the held-out validation data (never the test set), counted exactly. Under DDP with
+    ``shard="data"`` each rank evaluates every ``world_size``-th batch and the correct counts are summed; with
+    ``"groups"`` every rank holds the whole split and the trials are split instead. Either way every rank gets
+    the same numbers. Runs at the trainer's precision (autocast on GPU)."""
     from ..pruning import _accuracy_evaluator
 
     datamodule = getattr(trainer, "datamodule", None)
@@ -106,7 +146,9 @@ def validation_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule, batc
         loader = trainer.val_dataloaders
     if loader is None:
         raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
-    return _accuracy_evaluator(pl_module, loader, batch_fn)
+    precision = getattr(getattr(trainer.strategy, "precision_plugin", None), "precision", None)
+    return _accuracy_evaluator(pl_module, loader, batch_fn, collective=collective(trainer),
+                               shard_data=shard == "data", precision=precision)
 
 
 class ShardedBatches:

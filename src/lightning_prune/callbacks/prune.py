@@ -417,8 +417,11 @@ class PruneCallback(Callback):
         if self.criterion.requires_data or self.sensitivity.get("recalibrate_batches"):
             scoring_data = distributed.shard_scoring_data(trainer, self._scoring_data(trainer), self.scoring_batches)
         evaluate = None
-        if self.allocation == "sensitivity" or hasattr(self.criterion, "search"):
-            evaluate = distributed.validation_accuracy(trainer, pl_module, self.batch_fn)
+        if self.allocation == "sensitivity" or getattr(self.criterion, "calibrates_on_validation", False):
+            shard = self.sensitivity.get("shard", "groups") if self.allocation == "sensitivity" else "groups"
+            if self.sensitivity.get("recalibrate_batches") and self.allocation == "sensitivity":
+                shard = "data"  # re-estimation all-reduces per trial: every rank runs every trial
+            evaluate = distributed.validation_accuracy(trainer, pl_module, self.batch_fn, shard=shard)
         try:
             report = prune_event(
                 graph, self.criterion, target, target_kind=self.target_kind, allocation=self.allocation,
@@ -428,7 +431,8 @@ class PruneCallback(Callback):
                 scoring_batches=self.scoring_batches, batch_fn=self.batch_fn,
                 reduce_state=distributed.state_reducer(trainer), original_flops=self.original_flops,
                 evaluate=evaluate, sensitivity=self.sensitivity, on_surgery=after_surgery,
-                before_surgery=distributed.removal_verifier(trainer), epoch=epoch,
+                before_surgery=distributed.removal_verifier(trainer), collective=distributed.collective(trainer),
+                epoch=epoch,
             )
         except BaseException:
             # Groups found unprunable stay remembered; everything else is rolled back by _prune.

@@ -47,6 +47,16 @@ class Criterion:
         """One score per channel of ``group`` (shape ``[group.size]``, float), higher = keep."""
         raise NotImplementedError
 
+    #: True for criteria that tune themselves on held-out data at the event's removal counts (Blend's weight
+    #: search): the allocation strategy then calls :meth:`calibrate` before deciding with the new scores.
+    calibrates_on_validation: bool = False
+
+    def calibrate(self, graph: Any, evaluate: Callable[[], float], removal_counts: dict[str, int], *,
+                  collective: Any = None) -> Any:
+        """Tune the criterion on held-out data (``evaluate()``) for removing ``removal_counts`` channels per group
+        (only called when ``calibrates_on_validation``)."""
+        raise NotImplementedError
+
     # -- data-driven protocol ----------------------------------------------------------------------------------
     def reset(self) -> None:
         """Forget accumulated statistics (called before every scoring pass)."""

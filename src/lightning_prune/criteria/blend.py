@@ -218,11 +218,20 @@ class Blend(Criterion):
         return self._blend(ranks, {n: 1.0 / len(reps) for n in reps})
 
     # -- evolutionary search -------------------------------------------------------------------------------------
+    calibrates_on_validation = True
+
+    def calibrate(self, graph: Any, evaluate: Callable[[], float], removal_counts: Mapping[str, int], *,
+                  collective: Any = None) -> BlendSearchResult:
+        """The allocation strategies' hook: :meth:`search` at the event's removal counts."""
+        return self.search(graph, evaluate, removal_counts, collective=collective)
+
     def search(
         self,
         graph: Any,
         evaluate: Callable[[], float],
         removal_counts: Mapping[str, int],
+        *,
+        collective: Any = None,
     ) -> BlendSearchResult:
         """Search the blending weights ``α`` of every group in ``removal_counts``.
 
