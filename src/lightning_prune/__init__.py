@@ -10,9 +10,13 @@ The public API, by layer (each layer imports only the ones before it):
 - training: :class:`lightning_prune.callbacks.PruneCallback`, :func:`load_pruned`
 """
 from .errors import (
+    ArgumentTypeError,
+    CheckpointError,
     GraphBuildTimeout,
     InconsistentRanksError,
+    InvalidPlanError,
     LightningPruneError,
+    NonFiniteScoresError,
     PlanMismatchError,
     PruningError,
     UnsupportedModelError,
@@ -48,7 +52,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ChannelGroup", "DependencyGraph", "FlopsModel", "GraphBuildTimeout", "GroupMember", "InconsistentRanksError",
+    "ArgumentTypeError", "CheckpointError", "InvalidPlanError", "NonFiniteScoresError", "ChannelGroup", "DependencyGraph", "FlopsModel", "GraphBuildTimeout", "GroupMember", "InconsistentRanksError",
     "LightningPruneError", "PlanMismatchError", "PruneCallback", "PruneReport", "PruningError", "PruningPlan",
     "UnsupportedModelError", "apply_plan", "count_flops", "count_params", "load_pruned", "prune",
     "recalibrate_batchnorm", "transplant_optimizer", "__version__",
