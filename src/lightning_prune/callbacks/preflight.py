@@ -215,7 +215,7 @@ def check_forward(module: torch.nn.Module, example: Any, source: str, forward_fn
     """The module's forward accepts ``example`` (no-grad, eval mode; modes, buffers and RNG restored)."""
     example = move_to_device(example, module.device if hasattr(module, "device") else _device_of(module))
     try:
-        with preserved_state(module), torch.no_grad():
+        with preserved_state(module), torch.no_grad(), _eager():
             module.eval()
             forward_fn(module, example) if forward_fn is not None else call_model(module, example)
     except Exception as error:  # noqa: BLE001 - any failure of the user's forward is reported the same way
@@ -224,6 +224,17 @@ def check_forward(module: torch.nn.Module, example: Any, source: str, forward_fn
             f"{type(error).__name__}: {error}. Accepted: an input the module's forward takes, e.g. a training "
             "batch's inputs; pass example_input= or set LightningModule.example_input_array."
         ) from error
+
+
+def _eager() -> contextlib.AbstractContextManager:
+    """Run compiled (``torch.compile``) submodules eagerly: a check forward in eval/no-grad mode would otherwise
+    compile a graph of its own (seconds) that training never uses."""
+    try:
+        import torch._dynamo
+
+        return torch._dynamo.config.patch(disable=True)
+    except (ImportError, AttributeError):  # pragma: no cover - torch without dynamo
+        return contextlib.nullcontext()
 
 
 # -- where an event's data comes from (the same sources the event reads) ---------------------------------------
