@@ -104,6 +104,17 @@ def test_ddp_sensitivity_with_default_options_decides_identically_and_shares_the
         assert mine["images"] + theirs["images"] <= everything
 
 
+def test_ddp_blend_search_is_shared_and_agrees_across_ranks(tmp_path):
+    """Blend's evolutionary search deals its population over the ranks, each measured with rank zero's
+    BatchNorm buffers (diverged here: no validation loop), and gathers the fitnesses."""
+    out = tmp_path / "run"
+    result = run(out, "--criterion", "blend", "--val-batches", "0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    zero, one = load_ranks(out)
+    assert zero["plan"] == one["plan"] and zero["done"] == one["done"] == [1, 2]
+    assert {k: v.shape for k, v in zero["state"].items()} == {k: v.shape for k, v in one["state"].items()}
+
+
 def test_ddp_resume_mid_schedule(tmp_path):
     first = run(tmp_path / "first", "--criterion", "taylor", "--stop-after", "1")
     assert first.returncode == 0, first.stderr[-5000:]

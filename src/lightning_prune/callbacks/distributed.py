@@ -96,15 +96,23 @@ def rewrap(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
 
 
 class TorchCollective(Collective):
-    """:class:`~lightning_prune.allocation.evaluation.Collective` over the trainer's process group: sensitivity
-    trials and Blend's search are split over the ranks and every rank decides on the same gathered numbers."""
+    """:class:`~lightning_prune.allocation.evaluation.Collective` over the default ``torch.distributed`` process
+    group: sensitivity trials and Blend's search are split over the ranks and every rank decides on the same
+    gathered numbers. ``device`` is where NCCL collectives run (the rank's GPU); gloo runs on the CPU."""
 
-    def __init__(self, trainer: pl.Trainer):
-        self.trainer = trainer
-        self.rank, self.world_size = trainer.global_rank, trainer.world_size
+    def __init__(self, rank: int | None = None, world_size: int | None = None, device: Any = None):
+        self.rank = dist.get_rank() if rank is None else int(rank)
+        self.world_size = dist.get_world_size() if world_size is None else int(world_size)
+        self.device = device
+
+    @classmethod
+    def from_trainer(cls, trainer: pl.Trainer) -> "TorchCollective":
+        return cls(trainer.global_rank, trainer.world_size, trainer.strategy.root_device)
 
     def _device(self) -> torch.device:
-        return self.trainer.strategy.root_device if dist.get_backend() == "nccl" else torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            return torch.device(self.device) if self.device is not None else torch.device("cuda")
+        return torch.device("cpu")
 
     def gather(self, value: Any) -> list[Any]:
         values: list[Any] = [None] * self.world_size
@@ -128,7 +136,7 @@ class TorchCollective(Collective):
 
 def collective(trainer: pl.Trainer) -> Collective:
     """The ranks of ``trainer`` (a no-op single process when not distributed)."""
-    return TorchCollective(trainer) if is_distributed(trainer) else LOCAL
+    return TorchCollective.from_trainer(trainer) if is_distributed(trainer) else LOCAL
 
 
 def validation_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule, batch_fn: Callable | None,

@@ -16,7 +16,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from ..allocation.evaluation import LOCAL
 from ..structure import ChannelGroup
+from ..structure.tracing import preserved_state
 from .base import Criterion, get, register
 from .variety import cluster_labels
 
@@ -80,7 +82,7 @@ class Blend(Criterion):
     [design] The initial population holds the equal-weights individual and a one-hot individual for *every*
     member of the pool (not only the representatives), evaluated before any random individual; with elitism the
     result is therefore never worse on the fitness set than the best single criterion (unless ``time_limit_s``
-    stops the search before they are all evaluated). A member that cannot score a group (``bn_scale`` on a group
+    stops the search after the initial population). A member that cannot score a group (``bn_scale`` on a group
     without BatchNorm) is left out for that group. Before :meth:`search`, :meth:`score` uses equal weights over
     the representatives.
 
@@ -283,24 +285,35 @@ class Blend(Criterion):
 
         cache: dict[bytes, float] = {}
         evaluations = 0
+        ranks_of = collective if collective is not None else LOCAL
         deadline = None if self.time_limit_s is None else start + float(self.time_limit_s)
         modes = [(m, m.training) for m in graph.model.modules()]
 
-        def fitness(genome: np.ndarray) -> float:
-            nonlocal evaluations
-            key = np.round(genome, 12).tobytes()
-            if key in cache:
-                return cache[key]
+        def removals_of(genome: np.ndarray) -> dict[str, list[int]]:
             alphas = alphas_of(genome)
-            removals = {
-                name: group.lowest(self._blend(ranks, alphas[name]), n)
-                for (name, group, n, _, ranks, _) in layout
-            }
-            with graph.masked(removals):
-                value = float(evaluate())
-            evaluations += 1
-            cache[key] = value
-            return value
+            return {name: group.lowest(self._blend(ranks, alphas[name]), n)
+                    for (name, group, n, _, ranks, _) in layout}
+
+        def fitnesses(genomes: list[np.ndarray]) -> list[float]:
+            """Fitness of every genome; the unseen ones are dealt round-robin to the DDP ranks, each evaluated
+            with rank zero's BatchNorm buffers, and the results gathered, so every rank gets the same values."""
+            nonlocal evaluations
+            keys = [np.round(g, 12).tobytes() for g in genomes]
+            todo = list(dict.fromkeys(k for k in keys if k not in cache))
+            by_key = dict(zip(keys, genomes))
+            mine = todo[ranks_of.rank::ranks_of.world_size]
+            measured = {}
+            with preserved_state(graph.model):
+                ranks_of.sync_buffers(graph.model)
+                graph.model.eval()
+                for key in mine:
+                    with graph.masked(removals_of(by_key[key])):
+                        measured[key] = float(evaluate())
+            for part in ranks_of.gather(measured) if ranks_of.is_distributed else [measured]:
+                cache.update(part)
+            evaluations += len(todo)
+            bar.update(len(todo))
+            return [cache[k] for k in keys]
 
         # Initial population: equal weights over representatives, one-hot per member (in pool order), random.
         members_in_pool = [m for m in self.member_names if any(m in entry[3] for entry in layout)]
@@ -320,26 +333,27 @@ class Blend(Criterion):
         except ImportError:  # pragma: no cover
             tqdm = None
         total = size + self.generations * (size - max(1, int(np.ceil(self.elite_fraction * size))))
-        bar = tqdm(total=total, desc="blend search", disable=not self.progress or tqdm is None, leave=False)
+        bar = tqdm(total=total, desc="blend search", leave=False,
+                   disable=not self.progress or tqdm is None or ranks_of.rank != 0)
 
         def out_of_time() -> bool:
-            return deadline is not None and time.perf_counter() > deadline
+            over = deadline is not None and time.perf_counter() > deadline
+            return bool(ranks_of.gather(over)[0]) if ranks_of.is_distributed else over  # rank zero's clock decides
 
         population: list[tuple[float, int, np.ndarray]] = []
         initial_fitness: dict[str, float] = {}
-        counter = 0
         history: list[float] = []
         try:
-            graph.model.eval()
-            for label, genome in initial:
+            chunk = ranks_of.world_size  # one evaluation per rank between checks of the clock
+            for start_at in range(0, len(initial), chunk):
                 if out_of_time() and population:
                     break
-                value = fitness(genome)
-                if label is not None:
-                    initial_fitness[label] = value
-                population.append((value, counter, genome))
-                counter += 1
-                bar.update(1)
+                part = initial[start_at:start_at + chunk]
+                for offset_in, ((label, genome), value) in enumerate(zip(part, fitnesses([g for _, g in part]))):
+                    if label is not None:
+                        initial_fitness[label] = value
+                    population.append((value, start_at + offset_in, genome))
+            counter = len(population)
             population.sort(key=lambda item: (-item[0], item[1]))
             history.append(population[0][0])
             n_elite = max(1, int(np.ceil(self.elite_fraction * size)))
@@ -347,18 +361,20 @@ class Blend(Criterion):
                 if out_of_time():
                     break
                 elites = population[:n_elite]
-                children = list(elites)
-                while len(children) < size and not out_of_time():
-                    a, b = rng.randint(len(elites)), rng.randint(len(elites))
-                    mask = rng.rand(offset) < 0.5
-                    child = np.where(mask, elites[a][2], elites[b][2])
-                    noise = rng.normal(0.0, self.mutation_std, offset)
-                    movable = searchable | (child > 0)
-                    child = np.clip(child + noise * movable, 0.0, None)
-                    children.append((fitness(child), counter, child))
-                    counter += 1
-                    bar.update(1)
-                population = sorted(children, key=lambda item: (-item[0], item[1]))
+                scored = []
+                while len(elites) + len(scored) < size and not out_of_time():
+                    children = []
+                    while len(elites) + len(scored) + len(children) < size and len(children) < chunk:
+                        a, b = rng.randint(len(elites)), rng.randint(len(elites))
+                        mask = rng.rand(offset) < 0.5
+                        child = np.where(mask, elites[a][2], elites[b][2])
+                        noise = rng.normal(0.0, self.mutation_std, offset)
+                        movable = searchable | (child > 0)
+                        children.append(np.clip(child + noise * movable, 0.0, None))
+                    values = fitnesses(children)
+                    scored.extend((v, counter + i, c) for i, (v, c) in enumerate(zip(values, children)))
+                    counter += len(children)
+                population = sorted(list(elites) + scored, key=lambda item: (-item[0], item[1]))
                 history.append(population[0][0])
                 if self.progress:
                     log.info("blend search: generation %d/%d best fitness %.4f", generation + 1, self.generations,
