@@ -146,6 +146,43 @@ def skip_groups(graph: Any, names: list[str]) -> None:
     graph._groups = None
 
 
+def _event_graph(callback: Any, trainer: Any, pl_module: nn.Module) -> Any:
+    """A dependency graph like the one an event builds (same ignore list, plan and options)."""
+    from ..structure import DependencyGraph
+
+    example = callback._example_input(trainer, pl_module)
+    return DependencyGraph(pl_module, example, ignore=[*callback.ignore, *sorted(callback.excluded_groups)],
+                           plan=callback.plan, **callback.graph_kwargs)
+
+
+def announce_frozen_groups(callback: Any, trainer: Any, pl_module: nn.Module) -> None:
+    """Say once, before training, which groups are left unpruned because their producers are frozen."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    callback._frozen_announced = None
+    if callback.prune_frozen or all(p.requires_grad for p in pl_module.parameters()):
+        return
+    callback._frozen_announced = frozen_groups(_event_graph(callback, trainer, pl_module))
+    if callback._frozen_announced:
+        rank_zero_warn(f"PruneCallback: groups {callback._frozen_announced} are not pruned: all their producers are "
+                       "frozen (requires_grad=False). Pass prune_frozen=True to prune them (they stay frozen).")
+
+
+def skip_frozen_groups(callback: Any, graph: Any) -> None:
+    """At an event: leave out the groups whose producers are all frozen (unless ``prune_frozen``); warn when that
+    set differs from the one announced (e.g. a fine-tuning callback froze or unfroze layers since)."""
+    from pytorch_lightning.utilities import rank_zero_warn
+
+    if callback.prune_frozen:
+        return
+    frozen = frozen_groups(graph)
+    if frozen and frozen != getattr(callback, "_frozen_announced", None):
+        rank_zero_warn(f"PruneCallback: groups {frozen} are not pruned at this event: all their producers are "
+                       "frozen (requires_grad=False); prune_frozen=True prunes them.")
+        callback._frozen_announced = frozen
+    skip_groups(graph, frozen)
+
+
 # -- torch.compile -------------------------------------------------------------------------------------------------
 _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 

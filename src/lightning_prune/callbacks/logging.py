@@ -23,6 +23,25 @@ def log_baseline(trainer: pl.Trainer, flops: int, params: int, widths: dict[str,
         logger.log_metrics(metrics, step=trainer.global_step)
 
 
+def log_dense_baseline(callback, trainer: pl.Trainer, pl_module: pl.LightningModule, event_due: bool) -> None:
+    """The unpruned model's point of every ``prune/*`` curve, at the first training epoch of a fit that has not
+    pruned yet. When an event is due at that epoch, its report's "before" numbers are logged instead (one trace
+    fewer): ``callback._baseline_pending``."""
+    from .interop import _event_graph
+    from ..structure import count_flops, count_params
+
+    if getattr(callback, "_baseline_logged", False) or callback.reports or not callback.plan.is_empty():
+        return
+    callback._baseline_logged = True
+    if event_due:
+        callback._baseline_pending = True
+        return
+    graph = _event_graph(callback, trainer, pl_module)
+    callback.original_flops = count_flops(pl_module, graph.example_inputs)
+    callback.original_params = count_params(pl_module)
+    log_baseline(trainer, callback.original_flops, callback.original_params, graph.widths(), callback.log_widths)
+
+
 @rank_zero_only
 def log_prune_event(trainer: pl.Trainer, report: PruneReport, epoch: int) -> None:
     """Scalars of one event at the current global step, to every logger of the trainer."""

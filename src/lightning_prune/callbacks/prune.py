@@ -40,7 +40,7 @@ from ..structure import (
 from . import distributed, interop, preflight
 from .checkpoints import guard_resume, read_checkpoint
 from .transaction import EventTransaction
-from .logging import log_baseline, log_prune_event, log_widths_figure
+from .logging import log_baseline, log_dense_baseline, log_prune_event, log_widths_figure
 from .schedule import SCHEDULES, build_schedule
 
 CHECKPOINT_KEY = "lightning_prune"
@@ -313,54 +313,16 @@ class PruneCallback(Callback):
         # Before the sanity check and the first training batch: everything the events will need (preflight.py).
         with interop.eager_forward(pl_module):
             preflight.run(self, trainer, pl_module)
-            self._announce_frozen_groups(trainer, pl_module)
+            interop.announce_frozen_groups(self, trainer, pl_module)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         epoch = trainer.current_epoch
         due = [(e, t) for e, t in self.events if e == epoch and e not in self.done_epochs]
         with interop.eager_forward(pl_module):  # torch.compile: trace and cut the original modules
-            self._log_dense_baseline(trainer, pl_module, event_due=bool(due))
+            log_dense_baseline(self, trainer, pl_module, event_due=bool(due))
             if due:
                 self._prune(trainer, pl_module, due[0][1], epoch)
         self._log_state(trainer, pl_module)
-
-    def _announce_frozen_groups(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Say once, before training, which groups are left unpruned because their producers are frozen."""
-        self._frozen_announced: list[str] | None = None
-        if self.prune_frozen or all(p.requires_grad for p in pl_module.parameters()):
-            return
-        example = self._example_input(trainer, pl_module)
-        graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
-                                plan=self.plan, **self.graph_kwargs)
-        self._frozen_announced = interop.frozen_groups(graph)
-        if self._frozen_announced:
-            rank_zero_warn(f"PruneCallback: groups {self._frozen_announced} are not pruned: all their producers are "
-                           "frozen (requires_grad=False). Pass prune_frozen=True to prune them (they stay frozen).")
-
-    def _skip_frozen_groups(self, graph: DependencyGraph) -> None:
-        if self.prune_frozen:
-            return
-        frozen = interop.frozen_groups(graph)
-        if frozen and frozen != getattr(self, "_frozen_announced", None):
-            rank_zero_warn(f"PruneCallback: groups {frozen} are not pruned at this event: all their producers are "
-                           "frozen (requires_grad=False); prune_frozen=True prunes them.")
-            self._frozen_announced = frozen
-        interop.skip_groups(graph, frozen)
-
-    def _log_dense_baseline(self, trainer: pl.Trainer, pl_module: pl.LightningModule, event_due: bool) -> None:
-        """The unpruned model's point on every ``prune/*`` curve, before the first event (once per fit)."""
-        if getattr(self, "_baseline_logged", False) or self.reports or not self.plan.is_empty():
-            return
-        self._baseline_logged = True
-        if event_due:
-            self._baseline_pending = True  # the event's report carries the dense numbers; logged from _prune
-            return
-        example = self._example_input(trainer, pl_module)
-        graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
-                                plan=self.plan, **self.graph_kwargs)
-        self.original_flops = count_flops(pl_module, example)
-        self.original_params = count_params(pl_module)
-        log_baseline(trainer, self.original_flops, self.original_params, graph.widths(), self.log_widths)
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: float, epoch: int) -> None:
         """One event as a transaction: on any failure or interruption the module, optimizers and plan are put
@@ -399,7 +361,7 @@ class PruneCallback(Callback):
         example = self._example_input(trainer, pl_module)
         graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
                                 plan=self.plan, **self.graph_kwargs)
-        self._skip_frozen_groups(graph)
+        interop.skip_frozen_groups(self, graph)
         if self.original_flops is None:
             self.original_flops = count_flops(pl_module, example)
             self.original_params = count_params(pl_module)
