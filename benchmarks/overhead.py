@@ -60,6 +60,7 @@ from pytorch_lightning.callbacks import Callback  # noqa: E402
 
 import lightning_prune.callbacks.prune as callback_module  # noqa: E402
 import lightning_prune.criteria.scoring as scoring_module  # noqa: E402
+import lightning_prune.allocation.strategies as strategies_module  # noqa: E402
 import lightning_prune.pruning as pruning_module  # noqa: E402
 import lightning_prune.structure.flops as flops_module  # noqa: E402
 import lightning_prune.structure.graph as graph_module  # noqa: E402
@@ -134,7 +135,7 @@ def instrumented(timer: PartTimer) -> Iterator[PartTimer]:
     timer.patch(callback_module, "count_flops", "flops_original")
     timer.patch(flops_module, "count_flops", "flops_model")
     timer.patch(scoring_module, "score_groups", "scoring")
-    timer.patch(pruning_module, "choose_removals", "allocation")
+    timer.patch(strategies_module, "choose_removals", "allocation")
     timer.patch(graph_module.DependencyGraph, "prune_groups", "surgery")
     timer.patch(callback_module, "transplant_optimizer", "transplant")
     timer.patch(pruning_module, "count_flops", "flops_after")
