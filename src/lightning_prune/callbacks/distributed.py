@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ..allocation.evaluation import LOCAL, AccuracyEvaluator, Collective
 from ..errors import InconsistentRanksError
 from ..structure import PruningPlan
+from .data_sources import validation_dataloader
 
 
 def is_distributed(trainer: pl.Trainer) -> bool:
@@ -147,11 +148,7 @@ def validation_accuracy(trainer: pl.Trainer, pl_module: pl.LightningModule, batc
     the same numbers. Runs at the trainer's precision (autocast on GPU)."""
     from ..pruning import _accuracy_evaluator
 
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "val_dataloader"):
-        loader = datamodule.val_dataloader()
-    else:
-        loader = trainer.val_dataloaders
+    loader = validation_dataloader(trainer)
     if loader is None:
         raise ValueError("allocation='sensitivity' needs a validation dataloader (held out from the training set).")
     precision = getattr(getattr(trainer.strategy, "precision_plugin", None), "precision", None)

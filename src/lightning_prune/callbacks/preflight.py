@@ -32,12 +32,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
+from ..errors import check_mapping
 from ..structure.tracing import call_model, move_to_device, preserved_state
 from . import distributed
-
-#: ``DependencyGraph`` arguments the callback passes itself; the rest may come through ``graph_kwargs``.
-_GRAPH_ARGS_SET_BY_CALLBACK = ("self", "model", "example_inputs", "ignore", "plan")
-
+from .data_sources import scoring_dataloader, train_dataloader, validation_dataloader
 
 class PreflightError(ValueError):
     """A fit-start check failed (a ``ValueError``: the message names the parameter and the accepted values)."""
@@ -45,45 +43,53 @@ class PreflightError(ValueError):
 
 # -- argument checks (PruneCallback.__init__) ------------------------------------------------------------------
 def check_graph_kwargs(graph_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
-    """``graph_kwargs`` as a dict; unknown keys and an unknown ``trace_mode`` fail, naming the accepted ones."""
-    from ..structure import DependencyGraph
-    from ..structure.graph import TRACE_MODES
+    """``graph_kwargs`` as a dict: unknown keys and an unknown ``trace_mode`` fail naming the accepted ones, then
+    the value types are checked as for every graph option (``structure.check_graph_options``)."""
+    from ..structure import check_graph_options
+    from ..structure.graph import GRAPH_OPTIONS, TRACE_MODES
 
     kwargs = dict(graph_kwargs or {})
-    accepted = [name for name in inspect.signature(DependencyGraph.__init__).parameters
-                if name not in _GRAPH_ARGS_SET_BY_CALLBACK]
-    unknown = sorted(set(kwargs) - set(accepted))
+    unknown = sorted(set(kwargs) - set(GRAPH_OPTIONS))
     if unknown:
-        raise PreflightError(f"graph_kwargs: unknown key(s) {unknown}; accepted keys: {', '.join(accepted)} "
+        raise PreflightError(f"graph_kwargs: unknown key(s) {unknown}; accepted keys: {', '.join(GRAPH_OPTIONS)} "
                              "(ignore and plan are set by PruneCallback itself).")
     if "trace_mode" in kwargs and kwargs["trace_mode"] not in TRACE_MODES:
         raise PreflightError(f"graph_kwargs: trace_mode={kwargs['trace_mode']!r}; accepted values: "
                              f"{', '.join(map(repr, TRACE_MODES))}.")
-    if kwargs.get("forward_fn") is not None and not callable(kwargs["forward_fn"]):
-        raise PreflightError("graph_kwargs: forward_fn must be callable as forward_fn(model, example_inputs).")
-    return kwargs
+    return check_graph_options("graph_kwargs", kwargs)
 
 
 def build_criterion(criterion: Any, criterion_kwargs: Mapping[str, Any] | None) -> Any:
-    """The criterion object; keyword arguments its constructor does not take fail naming ``criterion_kwargs`` and
-    the constructor's keys."""
+    """The criterion object; errors in ``criterion_kwargs`` name ``criterion_kwargs`` and the keys the criterion's
+    constructor accepts. The criterion name is checked first, with its own message."""
     from .. import criteria as criteria_module
     from ..criteria import base
 
-    kwargs = dict(criterion_kwargs or {})
-    if kwargs and isinstance(criterion, str):
-        base._load_builtin()
-        factory = base._CRITERIA.get(criterion.split("+")[0].strip().lower())
-        if factory is not None:
-            parameters = inspect.signature(factory).parameters
-            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-            accepted = [name for name, p in parameters.items()
-                        if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-            unknown = sorted(set(kwargs) - set(accepted))
-            if unknown and not takes_any:
-                raise PreflightError(f"criterion_kwargs: unknown key(s) {unknown} for criterion {criterion!r}; "
-                                     f"accepted keys: {', '.join(accepted) or '(none)'}.")
-    return criteria_module.get(criterion, **kwargs)
+    kwargs = check_mapping("criterion_kwargs", criterion_kwargs)
+    if kwargs and not isinstance(criterion, str):
+        raise ValueError("criterion_kwargs are only accepted with a criterion name (criterion='l1', ...); got a "
+                         f"{type(criterion).__name__} object: configure it directly instead.")
+    built = criteria_module.get(criterion)
+    if not kwargs:
+        return built
+    base._load_builtin()
+    factory = base._CRITERIA.get(criterion.split("+")[0].strip().lower())
+    if factory is not None:
+        parameters = inspect.signature(factory).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        accepted = [name for name, p in parameters.items()
+                    if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown and not takes_any:
+            raise PreflightError(f"criterion_kwargs: unknown key(s) {unknown} for criterion {criterion!r}; "
+                                 f"accepted keys: {', '.join(accepted) or '(none)'}.")
+    try:
+        return criteria_module.get(criterion, **kwargs)
+    except TypeError as error:  # a factory taking **kwargs passes them on: name its class's keys
+        accepted = [p for p in inspect.signature(type(getattr(built, "base", built)).__init__).parameters
+                    if p not in ("self", "args", "kwargs")]
+        raise ValueError(f"criterion_kwargs={kwargs!r} are not accepted by criterion {criterion!r} ({error}); "
+                         f"accepted keys: {', '.join(map(repr, accepted)) or 'none'}.") from None
 
 
 # -- fit-start checks ------------------------------------------------------------------------------------------
@@ -235,47 +241,6 @@ def _eager() -> contextlib.AbstractContextManager:
         return torch._dynamo.config.patch(disable=True)
     except (ImportError, AttributeError):  # pragma: no cover - torch without dynamo
         return contextlib.nullcontext()
-
-
-# -- where an event's data comes from (the same sources the event reads) ---------------------------------------
-def train_dataloader(trainer: Any) -> Any:
-    """The fit's train dataloader, before Lightning has set it up (``trainer.train_dataloader`` is ``None`` until
-    the fit loop starts): the same source Lightning will request it from."""
-    if trainer.train_dataloader is not None:
-        return trainer.train_dataloader
-    return _request(getattr(trainer.fit_loop, "_data_source", None))
-
-
-def scoring_dataloader(callback: Any, trainer: Any) -> Any:
-    if callback.scoring_dataloader is not None:
-        loader = callback.scoring_dataloader
-        return loader() if callable(loader) else loader
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "scoring_dataloader"):
-        return datamodule.scoring_dataloader()
-    return train_dataloader(trainer)
-
-
-def validation_dataloader(trainer: Any) -> Any:
-    """What :func:`distributed.validation_accuracy` evaluates on: the datamodule's ``val_dataloader()``, else the
-    fit's validation dataloaders (``None`` when validation is off with ``limit_val_batches=0``)."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None and hasattr(datamodule, "val_dataloader"):
-        try:
-            return datamodule.val_dataloader()
-        except Exception:  # noqa: BLE001 - Lightning's default hook raises when val_dataloader is not implemented
-            return None
-    if trainer.limit_val_batches == 0:
-        return None
-    if trainer.val_dataloaders is not None:
-        return trainer.val_dataloaders
-    return _request(getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None))
-
-
-def _request(source: Any) -> Any:
-    if source is None or getattr(source, "instance", None) is None or not source.is_defined():
-        return None
-    return source.dataloader()
 
 
 def first_batch(loader: Any, what: str, *, required: bool = True) -> Any:

@@ -32,12 +32,11 @@ from ..structure import (
     ModelSnapshot,
     PruningPlan,
     apply_plan,
-    check_graph_options,
     count_flops,
     count_params,
     transplant_optimizer,
 )
-from . import distributed, interop, preflight
+from . import data_sources, distributed, interop, preflight
 from .checkpoints import guard_resume, read_checkpoint
 from .transaction import EventTransaction
 from .logging import log_baseline, log_dense_baseline, log_prune_event, log_widths_figure
@@ -140,7 +139,7 @@ class PruneCallback(Callback):
         check_int("start_epoch", start_epoch, minimum=0)
         check_int("end_epoch", end_epoch, minimum=0, allow_none=True)
         self.allocation = resolve_allocation(allocation, scope)
-        self.criterion = _make_criterion(criterion, criterion_kwargs)
+        self.criterion = preflight.build_criterion(criterion, criterion_kwargs)
         self.schedule = build_schedule(self.target, schedule=schedule, epochs=epochs, start_epoch=start_epoch,
                                        end_epoch=end_epoch, steps=steps)
         self.ignore = check_names("ignore", ignore)
@@ -158,8 +157,7 @@ class PruneCallback(Callback):
         self.sensitivity = check_mapping("sensitivity", sensitivity)
         sensitivity_allocator(self.sensitivity)  # unknown or invalid options fail now, not mid-training
         self.log_widths = check_bool("log_widths", log_widths)
-        # Unknown keys first (naming the accepted ones), then the value types.
-        self.graph_kwargs = check_graph_options("graph_kwargs", preflight.check_graph_kwargs(graph_kwargs))
+        self.graph_kwargs = preflight.check_graph_kwargs(graph_kwargs)
         self.verbose = check_bool("verbose", verbose)
         self.prune_frozen = check_bool("prune_frozen", prune_frozen)
         # State saved in checkpoints (plain data only: loads with torch.load(weights_only=True)).
@@ -210,8 +208,8 @@ class PruneCallback(Callback):
         self._remove_hooks()
         # On resume, Lightning loads the weights before callbacks see their state: rebuild the pruned structure
         # from the checkpoint's plan just before the weights are loaded.
-        self._resume_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading(trainer))
-        self._hooks.append(self._resume_hook.remove)
+        resume_hook = pl_module.register_load_state_dict_pre_hook(self._rebuild_before_loading(trainer))
+        self._hooks.append(resume_hook.remove)
         # An unreadable ckpt_path fails with an error naming the file.
         self._hooks.append(guard_resume(trainer.strategy))
         self._resume_restore = None
@@ -221,7 +219,6 @@ class PruneCallback(Callback):
         hooks, self._hooks = list(getattr(self, "_hooks", [])), []
         for remove in reversed(hooks):
             remove()
-        self._resume_hook = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # An event in progress was already rolled back in _prune's except path, before the exception reached
@@ -377,7 +374,8 @@ class PruneCallback(Callback):
 
         scoring_data = None
         if self.criterion.requires_data or self.sensitivity.get("recalibrate_batches"):
-            scoring_data = distributed.shard_scoring_data(trainer, self._scoring_data(trainer), self.scoring_batches)
+            scoring_data = distributed.shard_scoring_data(trainer, data_sources.scoring_dataloader(self, trainer),
+                                                         self.scoring_batches)
         evaluate = None
         if self.allocation == "sensitivity" or getattr(self.criterion, "calibrates_on_validation", False):
             shard = self.sensitivity.get("shard", "groups") if self.allocation == "sensitivity" else "groups"
@@ -443,7 +441,7 @@ class PruneCallback(Callback):
         if example is None:
             from ..criteria.scoring import default_batch_fn
 
-            loader = self._train_loader(trainer)
+            loader = data_sources.train_dataloader(trainer)
             if loader is None:
                 raise ValueError("PruneCallback needs an example input: set LightningModule.example_input_array, "
                                  "pass example_input=, or provide a train dataloader.")
@@ -452,42 +450,6 @@ class PruneCallback(Callback):
         example = _to_device(example, pl_module.device)
         self.example_shape = _shapes(example)
         return example
-
-    def _train_loader(self, trainer: pl.Trainer) -> Any:
-        loader = trainer.train_dataloader
-        if loader is None:
-            datamodule = getattr(trainer, "datamodule", None)
-            if datamodule is not None:
-                loader = datamodule.train_dataloader()
-        return loader
-
-    def _scoring_data(self, trainer: pl.Trainer) -> Any:
-        if self.scoring_dataloader is not None:
-            return self.scoring_dataloader() if callable(self.scoring_dataloader) else self.scoring_dataloader
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "scoring_dataloader"):
-            return datamodule.scoring_dataloader()
-        return self._train_loader(trainer)
-
-
-def _make_criterion(criterion: Any, criterion_kwargs: Any) -> Any:
-    """The criterion object; errors in ``criterion_kwargs`` name ``criterion_kwargs``."""
-    kwargs = check_mapping("criterion_kwargs", criterion_kwargs)
-    if kwargs and not isinstance(criterion, str):
-        raise ValueError("criterion_kwargs are only accepted with a criterion name (criterion='l1', ...); got a "
-                         f"{type(criterion).__name__} object: configure it directly instead.")
-    if not kwargs:
-        return criteria_module.get(criterion)
-    base = criteria_module.get(criterion)  # the name is checked first, with its own message
-    try:
-        return preflight.build_criterion(criterion, kwargs)  # unknown keys fail naming the constructor's keys
-    except TypeError as error:
-        import inspect
-
-        accepted = [p for p in inspect.signature(type(getattr(base, "base", base)).__init__).parameters
-                    if p not in ("self", "args", "kwargs")]
-        raise ValueError(f"criterion_kwargs={kwargs!r} are not accepted by criterion {criterion!r} ({error}); "
-                         f"accepted keys: {', '.join(map(repr, accepted)) or 'none'}.") from None
 
 
 def _is_iterable(value: Any) -> bool:
