@@ -9,6 +9,7 @@ Data: 4 classes; sample of class c has a bright input plane c. The network is bu
 """
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -309,3 +310,108 @@ def test_weight_scores_are_recomputed_only_for_changed_groups(trained_digits):
     # the pruned group and its neighbours (whose tensors lost input channels) were rescored, not the others
     assert len(graph.groups) < cache.computed < 2 * len(graph.groups)
     assert all(torch.equal(again[g.name], l1.score(g)) for g in graph.groups)
+
+
+# -- fast mode: opt-in, fewer trials, exact when every round is a full refresh -------------------------------------
+def test_fast_mode_is_opt_in():
+    from lightning_prune.allocation import sensitivity_allocator
+
+    assert SensitivityAllocator().mode == "exact" and sensitivity_allocator({}).mode == "exact"
+    exact = SensitivityAllocator()
+    assert exact.rescore_every == 1  # exact mode re-scores data-driven criteria every round, as the paper
+    fast = SensitivityAllocator(mode="fast", num_groups=2)
+    assert (fast.top_k, fast.refresh_every, fast.rescore_every) == (8, 4, 4)  # the documented defaults
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"mode": "quick"}, r"mode must be one of 'exact', 'fast', got 'quick'"),
+    ({"shard": "ranks"}, r"shard must be one of 'groups', 'data', got 'ranks'"),
+    ({"top_k": 0}, r"top_k must be None or an integer >= 1, got 0"),
+    ({"top_k": 2.5}, r"top_k must be None or an integer >= 1, got 2.5"),
+    ({"refresh_every": 0}, r"refresh_every must be an integer >= 1, got 0"),
+    ({"refresh_every": None}, r"refresh_every must be an integer >= 1, got None"),
+    ({"rescore_every": True}, r"rescore_every must be None or an integer >= 1, got True"),
+    ({"eval_batch_size": 0}, r"eval_batch_size must be None or an integer >= 1"),
+    ({"max_rounds": -1}, r"max_rounds must be None or an integer >= 0"),
+    ({"time_budget_s": 0}, r"time_budget_s must be None or a number of seconds > 0"),
+    ({"fast": True}, r"sensitivity: unknown option\(s\) \['fast'\]; accepted keys: .*mode.*top_k.*refresh_every"),
+])
+def test_sensitivity_option_errors_name_the_parameter_and_accepted_values(options, match):
+    import lightning_prune as lp
+    from lightning_prune.callbacks import PruneCallback
+
+    model = Net()
+    before = copy.deepcopy(model.state_dict())
+    x, y = _data(8, seed=0)
+    with pytest.raises(ValueError, match=match):
+        lp.prune(model, x[:2], flops_reduction=0.3, allocation="sensitivity", val_dataloader=[(x, y)],
+                 sensitivity=options)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # failed before touching it
+    with pytest.raises(ValueError, match=match):
+        PruneCallback(flops_reduction=0.3, allocation="sensitivity", sensitivity=options)
+
+
+def _digits_prune(trained_digits, **options):
+    import lightning_prune as lp
+
+    model = copy.deepcopy(trained_digits[0])
+    val = trained_digits[1]
+    report = lp.prune(model, val[0][0][:2], criterion="l1", flops_reduction=0.5, allocation="sensitivity",
+                      val_dataloader=val, sensitivity={"progress": False, "prune_multiple": 2.0, **options})
+    assert report.target_met
+    return report
+
+
+def _decisions(report):
+    return [(step["chosen"], step["removed"]) for step in report.sensitivity_steps], report.plan
+
+
+def test_fast_mode_evaluates_fewer_trials_and_refreshes(trained_digits):
+    exact = _digits_prune(trained_digits)
+    fast = _digits_prune(trained_digits, mode="fast", top_k=1, refresh_every=3)
+    groups = len(exact.widths_before)
+    trials = [len(step["trials"]) for step in fast.sensitivity_steps]
+    # rounds 0, 3, 6... are full refreshes (every eligible group), the rounds between re-evaluate top_k = 1 group
+    assert trials[0] == groups and all(t == 1 for i, t in enumerate(trials) if i % 3)
+    images = lambda report: sum(step["images"] for step in report.sensitivity_steps)  # counted image-forwards
+    per_round = lambda report: images(report) / len(report.sensitivity_steps)
+    assert 0 < per_round(fast) < 0.75 * per_round(exact)
+    assert 0 < images(fast) < images(exact)
+    assert fast.flops_reduction >= 0.5
+
+
+@pytest.mark.parametrize("options", [{"refresh_every": 1}, {"refresh_every": 1, "top_k": 1},
+                                     {"refresh_every": 3, "top_k": 100}])
+def test_fast_mode_with_every_group_reevaluated_decides_like_exact_mode(trained_digits, options):
+    """``refresh_every=1`` makes every round a full one; ``top_k >= groups`` re-evaluates every group between
+    refreshes (with a weight criterion the scores are exact, and the predicted FLOPs are exact for this
+    convolution/linear network): either way the decisions are exact mode's."""
+    exact = _digits_prune(trained_digits)
+    fast = _digits_prune(trained_digits, mode="fast", **options)
+    assert _decisions(fast) == _decisions(exact)
+    assert fast.widths_after == exact.widths_after
+
+
+def test_fast_mode_in_a_lightning_fit(tmp_path):
+    import pytorch_lightning as pl
+
+    from lightning_prune.callbacks import PruneCallback
+    from lightning_prune.datamodules import DigitsDataModule
+
+    from .lightning_modules import IMAGE, PLDigitsClassifier
+
+    pl.seed_everything(0)
+    data = DigitsDataModule(image_size=IMAGE, batch_size=64, seed=0)
+    callback = PruneCallback(flops_reduction=0.4, epochs=[1], criterion="l1", allocation="sensitivity",
+                             sensitivity={"mode": "fast", "top_k": 1, "refresh_every": 2, "progress": False},
+                             verbose=False)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=2, callbacks=[callback], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path), limit_train_batches=4, limit_val_batches=2)
+    module = PLDigitsClassifier()
+    trainer.fit(module, datamodule=data)
+    report = callback.reports[0]
+    assert report["target_met"] and report["flops_reduction"] >= 0.4
+    steps = report["sensitivity_steps"]
+    assert len(steps) >= 2 and len(steps[1]["trials"]) == 1  # a top-k round between refreshes
+    module.model.train()(torch.zeros(2, 1, IMAGE, IMAGE)).sum().backward()  # the pruned model trains
