@@ -334,6 +334,7 @@ def test_fast_mode_is_opt_in():
     ({"eval_batch_size": 0}, r"eval_batch_size must be None or an integer >= 1"),
     ({"max_rounds": -1}, r"max_rounds must be None or an integer >= 0"),
     ({"time_budget_s": 0}, r"time_budget_s must be None or a number of seconds > 0"),
+    ({"baseline": "no"}, r"baseline must be True or False, got .no."),
     ({"fast": True}, r"sensitivity: unknown option\(s\) \['fast'\]; accepted keys: .*mode.*top_k.*refresh_every"),
 ])
 def test_sensitivity_option_errors_name_the_parameter_and_accepted_values(options, match):
@@ -415,3 +416,14 @@ def test_fast_mode_in_a_lightning_fit(tmp_path):
     steps = report["sensitivity_steps"]
     assert len(steps) >= 2 and len(steps[1]["trials"]) == 1  # a top-k round between refreshes
     module.model.train()(torch.zeros(2, 1, IMAGE, IMAGE)).sum().backward()  # the pruned model trains
+
+
+def test_skipping_the_baseline_saves_one_evaluation_per_round_and_decides_the_same(trained_digits):
+    exact = _digits_prune(trained_digits)
+    skipped = _digits_prune(trained_digits, baseline=False)
+    assert _decisions(skipped) == _decisions(exact)
+    assert all(step["baseline"] is None for step in skipped.sensitivity_steps)
+    assert all(step["baseline"] is not None for step in exact.sensitivity_steps)
+    full = sum(len(y) for _, y in trained_digits[1])
+    images = lambda report: sum(step["images"] for step in report.sensitivity_steps)
+    assert images(skipped) == images(exact) - full * len(exact.sensitivity_steps)  # one full pass less per round

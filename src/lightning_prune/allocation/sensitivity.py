@@ -38,7 +38,8 @@ class SensitivityStep:
     ``chosen`` are the selected groups in selection order and ``removed[name]`` the channels they lose (after
     trimming to a FLOPs budget, if one was given)."""
 
-    baseline: float
+    #: accuracy of the unmasked network (``None`` with ``baseline=False``: the ranking never needs it)
+    baseline: float | None
     trials: dict[str, dict[str, float]] = field(default_factory=dict)
     chosen: list[str] = field(default_factory=list)
     removed: dict[str, int] = field(default_factory=dict)
@@ -112,6 +113,9 @@ class SensitivityAllocator:
             re-scorings the stale scores are sliced to the surviving channels.
         top_k: ``mode="fast"``: groups re-evaluated between refreshes (default ``4 · num_groups``).
         refresh_every: ``mode="fast"``: a full round (every eligible group) every this many rounds (default 4).
+        baseline: also evaluate the unmasked network each round (default True). It is for reporting only: the
+            ranking compares the trials' correct counts, so ``False`` saves one evaluation per round and never
+            changes a decision (``SensitivityStep.baseline`` is then ``None``).
 
     Deterministic: groups are tried in module order and ties in accuracy are broken by group name. ``evaluate``
     must be deterministic too (fixed validation split, no augmentation); it is called in eval mode under
@@ -122,7 +126,8 @@ class SensitivityAllocator:
     After :meth:`step`, ``last_step`` holds the measurements (:class:`SensitivityStep`).
 
     [design] choices beyond the paper: a group whose channels cost no FLOPs (``ΔF_l = 0``) is never eligible;
-    the baseline accuracy is measured once per round (for reporting; the ranking only needs the trials);
+    the baseline accuracy is measured once per round for reporting (the ranking only needs the trials;
+    ``baseline=False`` skips it);
     :meth:`plan_to_flops` trims the last round's removals to the FLOPs still missing, so the target is reached
     with an overshoot below one ``divisions`` step of one group instead of a whole ``k_l``; trials run in the
     order of the previous round's ranking (best first), which only makes early exits earlier.
@@ -132,7 +137,7 @@ class SensitivityAllocator:
                  progress: bool = True, recalibrate_batches: int = 0, mode: str = "exact", early_exit: bool = True,
                  shard: str = "groups", eval_batch_size: int | None = None, max_rounds: int | None = None,
                  time_budget_s: float | None = None, rescore_every: int | None = None, top_k: int | None = None,
-                 refresh_every: int = 4):
+                 refresh_every: int = 4, baseline: bool = True):
         if isinstance(prune_multiple, bool) or not isinstance(prune_multiple, (int, float)) or prune_multiple <= 0:
             raise ValueError(f"prune_multiple must be a number > 0, got {prune_multiple!r}.")
         if (isinstance(min_width_fraction, bool) or not isinstance(min_width_fraction, (int, float))
@@ -152,6 +157,8 @@ class SensitivityAllocator:
         _check_int("rescore_every", rescore_every, 1, allow_none=True)
         _check_int("top_k", top_k, 1, allow_none=True)
         _check_int("refresh_every", refresh_every, 1)
+        if not isinstance(baseline, bool):
+            raise ValueError(f"baseline must be True or False, got {baseline!r}.")
         self.prune_multiple = float(prune_multiple)
         self.min_width_fraction = float(min_width_fraction)
         self.num_groups = num_groups
@@ -162,6 +169,7 @@ class SensitivityAllocator:
         self.rescore_every = rescore_every if rescore_every is not None else (refresh_every if mode == "fast" else 1)
         self.top_k = max(top_k if top_k is not None else 4 * num_groups, num_groups)
         self.refresh_every = refresh_every
+        self.baseline = bool(baseline)
         self.last_step: SensitivityStep | None = None
         self._order: list[str] = []  # the previous round's ranking, best first
 
@@ -247,7 +255,7 @@ class SensitivityAllocator:
         images_before = getattr(evaluate, "images", 0)
         runner = _TrialRunner(self, graph, evaluate, recalibrate, collective)
         measured = runner.run(trial_removals, self._trial_order(trial_removals))
-        result = SensitivityStep(baseline=measured.pop(BASELINE)[0])
+        result = SensitivityStep(baseline=measured.pop(BASELINE)[0] if BASELINE in measured else None)
         for name in trial_removals:  # module order, as before
             accuracy, exact = measured[name]
             result.trials[name] = {"k": sizes[name], "delta_flops": float(flops_model.delta_per_channel(name)),
@@ -409,7 +417,7 @@ class _TrialRunner:
         self.key: dict[str, float] = {}
 
     def run(self, trial_removals: Mapping[str, list[int]], order: list[str]) -> dict[str, tuple[float, bool]]:
-        items = order + [BASELINE]
+        items = order + ([BASELINE] if self.allocator.baseline else [])
         mine = self.collective.shard(items) if self.split_groups else items
         model = self.graph.model
         local: dict[str, tuple[float, float, bool]] = {}
