@@ -243,7 +243,7 @@ def _fabricate(name: str, root: Path) -> list[str]:
 # search evaluates population x generations masked networks.
 SMALLER = {
     "cifar10_vgg16": ["--trainer.callbacks.flops_reduction", "0.005"],
-    "imagenet_resnet50_ddp": ["--trainer.callbacks.flops_reduction", "0.02"],
+    "imagenet_resnet50_ddp": ["--trainer.callbacks.flops_reduction", "0.001"],
     "cifar100_resnet56": ["--trainer.callbacks.criterion_kwargs",
                           '{"cluster_threshold": 0.2, "population": 3, "generations": 1, "progress": false}'],
 }
