@@ -1,7 +1,7 @@
 """Sensitivity analysis (paper 2) at scale: image-forwards per event per rank and wall time, before and after.
 
-Parts (``--part``; each writes ``docs/benchmarks/sensitivity_scale_<part>.json``; ``--part report`` renders
-``docs/benchmarks/sensitivity_scale.md`` from the JSON files present):
+Parts (``--part``; each writes ``docs/benchmarks/sensitivity_scale_<part>.json``; the tables of
+``docs/benchmarks/sensitivity_scale.md`` are written from them by hand):
 
 - ``scale``: CIFAR ResNet-20/56 (random init, random 32x32 inputs and labels, 2 x 32 validation images as in
   issue #12, ``criterion="l1"``, target 44.3 % FLOPs, the paper's m = 0.8 and one group per round). "before" is
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import sys
@@ -39,7 +38,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import machine_description, write_results  # noqa: E402
 
-import lightning_prune as lp  # noqa: E402
 from lightning_prune.allocation import AccuracyEvaluator, SensitivityAllocator  # noqa: E402
 from lightning_prune.allocation.strategies import PredictedFlops  # noqa: E402
 from lightning_prune.models import create_model  # noqa: E402
