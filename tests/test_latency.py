@@ -215,3 +215,21 @@ def test_bad_latency_input_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="latency_input: the forward"):
         trainer.fit(module_class(pl)(), **fit_data(pl, digits(batch_size=32)))
     assert count.batches == 0
+
+
+# -- DDP --------------------------------------------------------------------------------------------------------
+def test_ddp_ranks_decide_the_same_on_rank_zeros_table(tmp_path):
+    """Two CPU ranks (gloo): rank zero builds the table and measures, every rank prunes identically (the removals
+    digest check inside the callback passes) and holds rank zero's table."""
+    from tests.test_ddp import assert_identical_ranks, load_ranks, run
+
+    out = tmp_path / "run"
+    result = run(out, "--strategy", "ddp", "--criterion", "l2", "--latency")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = load_ranks(out)
+    assert_identical_ranks(ranks)
+    zero, one = ranks
+    assert zero["latency_table"] is not None and zero["latency_table"] == one["latency_table"]
+    assert [r["latency_ratio"] for r in zero["reports"]] == [r["latency_ratio"] for r in one["reports"]]
+    assert zero["reports"][0]["latency_ratio"] < 1.0
+    assert len(list((out / "latency-cache").glob("*.json"))) == 1  # built once, by rank zero
