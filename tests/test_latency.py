@@ -233,3 +233,25 @@ def test_ddp_ranks_decide_the_same_on_rank_zeros_table(tmp_path):
     assert [r["latency_ratio"] for r in zero["reports"]] == [r["latency_ratio"] for r in one["reports"]]
     assert zero["reports"][0]["latency_ratio"] < 1.0
     assert len(list((out / "latency-cache").glob("*.json"))) == 1  # built once, by rank zero
+
+
+# -- CLI --------------------------------------------------------------------------------------------------------
+def test_cli_fit_with_latency_reduction_prints_measured_latency(tmp_path, capsys, monkeypatch):
+    from lightning_prune.cli import main
+    from tests.test_cli import QUICKSTART
+
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    code = main([
+        "fit", "--config", str(QUICKSTART), "--trainer.max_epochs", "2", "--trainer.callbacks.epochs", "[1]",
+        "--trainer.callbacks.amount", "null", "--trainer.callbacks.latency_reduction", "0.3",
+        "--trainer.callbacks.latency_cache", str(tmp_path / "cache"), "--trainer.callbacks.round_to", "auto",
+        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.limit_train_batches", "3",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--test_after_fit", "false",
+    ])
+    torch.set_num_threads(threads)
+    output = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in output.splitlines() if line.startswith("latency (ms)"))
+    assert "removed, measured" in line

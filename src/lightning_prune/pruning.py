@@ -306,7 +306,7 @@ def prune(
     allocation: str | None = None,
     scope: str | None = None,
     ignore: Iterable[str | nn.Module] = (),
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     max_group_sparsity: float = 0.9,
     dataloader: Iterable | None = None,
     scoring_batches: int | None = None,

@@ -115,7 +115,7 @@ class PruneCallback(Callback):
         end_epoch: int | None = None,
         steps: int = 3,
         ignore: Iterable[str] = (),
-        round_to: int | None = None,
+        round_to: int | str | None = None,
         max_group_sparsity: float = 0.9,
         scoring_batches: int = 8,
         scoring_dataloader: Any = None,
