@@ -15,7 +15,6 @@ from lightning_prune.allocation.latency import plan_widths, resolve_target
 from lightning_prune.callbacks import PruneCallback
 from lightning_prune.criteria.scoring import score_groups
 from lightning_prune import criteria
-from lightning_prune.models import create_model
 from lightning_prune.structure import DependencyGraph
 from lightning_prune.structure.latency import LatencyModel, measure_latency, measure_ratio
 

@@ -142,8 +142,6 @@ def _layer_config(module: nn.Module) -> dict[str, Any]:
         return {"bias": module.bias is not None, "in": module.in_features, "out": module.out_features}
     if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return {"features": module.num_features}
-    for attr in ("kernel_size", "stride", "padding", "output_size", "negative_slope"):
-        pass
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(module).items()
             if k in ("kernel_size", "stride", "padding", "output_size", "ceil_mode", "negative_slope")}
 
