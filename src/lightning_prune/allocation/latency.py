@@ -175,6 +175,14 @@ def plan_widths(graph: Any, scores: Mapping[str, torch.Tensor], table: LatencyMo
         if not options:
             break
         _, _, name, lower = min(options)
+        if table.predict({**widths, name: lower}) < budget_ms:
+            # The move overshoots the budget: take the widest width of that group that still meets it, so the
+            # last move removes no more than needed.
+            step = state[name]["step"]
+            for width in range(step * ((widths[name] - 1) // step), lower, -step):
+                if width >= state[name]["floor"] and table.predict({**widths, name: width}) <= budget_ms:
+                    lower = width
+                    break
         widths[name] = lower
         predicted = table.predict(widths)
         touched = {name} | {other for layer in table.by_group.get(name, ()) for other in
@@ -233,7 +241,9 @@ class LatencyAllocation(AllocationStrategy):
             removals = removals_for(graph, scores, widths)
             if not removals:
                 break
-            ctx.with_retries(lambda: removals)
+            # After a failed surgery the groups to blame leave the graph; retry without them.
+            ctx.with_retries(lambda: {name: ix for name, ix in removals.items()
+                                      if name in {g.name for g in graph.groups}})
             predicted = table.predict(graph.widths())
             pair = target.measure_against(reference, graph.model, collective)
             if pair is None:
