@@ -279,6 +279,10 @@ def build_summary(callback: PruneCallback | None, before: PrePruneAccuracy, val_
             summary["flops_after"] = last.get("flops_after")
             summary["params_after"] = last.get("params_after")
             summary["channel_sparsity"] = last.get("channel_sparsity")
+            if last.get("latency_ratio") is not None:  # latency_reduction: measured on this machine
+                summary["latency_before_ms"] = last.get("dense_latency_ms")
+                summary["latency_after_ms"] = last.get("latency_after_ms")
+                summary["latency_ratio"] = last.get("latency_ratio")
     return summary
 
 
@@ -319,6 +323,9 @@ def print_summary(summary: dict[str, Any]) -> None:
         ("parameters", _count(summary.get("params_before")), _count(summary.get("params_after")),
          _reduction(summary.get("params_before"), summary.get("params_after"))),
     ]
+    if summary.get("latency_ratio") is not None:
+        rows.append(("latency (ms)", f"{summary['latency_before_ms']:.2f}", f"{summary['latency_after_ms']:.2f}",
+                     f"({100 * (1 - summary['latency_ratio']):.1f}% removed, measured)"))
     if summary.get("channel_sparsity") is not None:
         rows.append(("channels removed", "0%", _percent(summary["channel_sparsity"]), ""))
     lines = ["", "=" * width, "lightning-prune summary".center(width), "=" * width]

@@ -25,6 +25,7 @@ from .allocation.strategies import (  # noqa: F401  (choose_removals, _trim: imp
     get_strategy,
     max_sparsity as _max_sparsity,
 )
+from .allocation.latency import LatencyTarget, check_latency_arguments, resolve_target
 from .errors import (
     ArgumentTypeError,
     PruningError,
@@ -80,6 +81,25 @@ class PruneReport:
     #: with ``allocation="sensitivity"``, one entry per round: the baseline and per-group trial accuracies, the
     #: chosen groups and the channels they lost.
     sensitivity_steps: list[dict[str, Any]] = field(repr=False, default_factory=list)
+    #: latency target (``latency_reduction``): measured ms at the event's start and end, the table's prediction
+    #: for the end, the dense model's ms and the cumulative measured ratio vs the dense model
+    latency_before_ms: float | None = None
+    latency_after_ms: float | None = None
+    predicted_latency_ms: float | None = None
+    dense_latency_ms: float | None = None
+    latency_ratio: float | None = None
+
+    @property
+    def latency_reduction(self) -> float | None:
+        """Measured latency removed relative to the dense model (latency targets only)."""
+        return None if self.latency_ratio is None else 1.0 - self.latency_ratio
+
+    @property
+    def latency_error(self) -> float | None:
+        """The latency table's relative error at this event's end: predicted / measured - 1."""
+        if self.predicted_latency_ms is None or not self.latency_after_ms:
+            return None
+        return self.predicted_latency_ms / self.latency_after_ms - 1.0
 
     @property
     def flops_reduction(self) -> float:
@@ -96,6 +116,8 @@ class PruneReport:
         data = asdict(self)
         data["flops_reduction"] = self.flops_reduction
         data["channel_sparsity"] = self.channel_sparsity
+        data["latency_reduction"] = self.latency_reduction
+        data["latency_error"] = self.latency_error
         return data
 
     def summary(self) -> str:
@@ -114,6 +136,10 @@ class PruneReport:
             f"Channels {self.channel_sparsity:.1%} of prunable channels removed; "
             f"{sum(self.removed.values())} this event in {self.seconds:.2f} s",
         ]
+        if self.latency_ratio is not None:
+            lines.append(f"Latency {self.latency_before_ms:.2f} ms -> {self.latency_after_ms:.2f} ms measured "
+                         f"({self.latency_reduction:.1%} removed vs dense {self.dense_latency_ms:.2f} ms; table "
+                         f"predicted {self.predicted_latency_ms:.2f} ms, error {self.latency_error:+.1%})")
         if not self.target_met:
             lines.append(f"WARNING: the {self.target_kind} target {self.target:.1%} could not be met")
         return "\n".join(lines)
@@ -143,6 +169,7 @@ def prune_event(
     recalibrate_batches: int = 0,
     world_size: int = 1,
     collective: Collective = LOCAL,
+    latency: Any = None,
     **event_info: Any,
 ) -> PruneReport:
     """Score, allocate and remove channels until ``target`` is reached. See :func:`prune` for the arguments.
@@ -157,7 +184,8 @@ def prune_event(
     ``recalibration_data`` (training batches) feeds BatchNorm re-estimation: in sensitivity trials when the
     allocator's ``recalibrate_batches`` > 0, and after the last surgery when ``recalibrate_batches`` > 0; under
     DDP the statistics are averaged over ``world_size`` ranks with ``reduce_state``. ``collective`` shards
-    sensitivity trials and Blend's search over the DDP ranks."""
+    sensitivity trials and Blend's search over the DDP ranks. ``target_kind="latency"`` needs ``latency`` (an
+    :class:`~lightning_prune.allocation.LatencyTarget`) and runs the latency allocation whatever ``allocation``."""
     start = time.perf_counter()
     model, example_inputs = graph.model, graph.example_inputs
     widths_before, params_before = graph.widths(), count_params(model)
@@ -172,22 +200,25 @@ def prune_event(
         score=_scorer(graph, criterion, dataloader, scoring_batches, batch_fn, loss_fn, reduce_state),
         apply=_surgeon(graph, removed, before_surgery, on_surgery, event_info),
         exclude=lambda removals: exclude_breaking_groups(graph, removals), evaluate=evaluate,
-        collective=collective, recalibrator=recalibrator, sensitivity=dict(sensitivity or {}),
+        collective=collective, recalibrator=recalibrator, sensitivity=dict(sensitivity or {}), latency=latency,
     )
-    strategy = get_strategy(allocation)
+    strategy = get_strategy("latency" if target_kind == "latency" else allocation)
     strategy.check(ctx)
     strategy.run(ctx)  # target_met is judged below, on the pruned model
     if recalibrate_batches and removed:
         recalibrator(recalibrate_batches)()
     flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
     met = check_target(graph, target, target_kind, flops_after, original_flops, max_group_sparsity, round_to,
-                       stop_reason=ctx.stop_reason)
+                       stop_reason=ctx.stop_reason, latency_ratio=latency.ratio if latency is not None else None)
+    latency_fields = {} if latency is None or target_kind != "latency" else dict(
+        latency_before_ms=latency.before_ms, latency_after_ms=latency.after_ms,
+        predicted_latency_ms=latency.predicted_ms, dense_latency_ms=latency.dense_ms, latency_ratio=latency.ratio)
     return PruneReport(
         flops_before=flops_before, flops_after=flops_after, params_before=params_before,
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
         original_widths=graph.original_widths(), removed=removed, seconds=time.perf_counter() - start,
         target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
-        original_flops=original_flops, sensitivity_steps=ctx.records,
+        original_flops=original_flops, sensitivity_steps=ctx.records, **latency_fields,
     )
 
 
@@ -268,10 +299,14 @@ def prune(
     amount: float | None = None,
     *,
     flops_reduction: float | None = None,
+    latency_reduction: float | None = None,
+    latency_input: Any = None,
+    latency_dtype: Any = None,
+    latency_cache: str | None = None,
     allocation: str | None = None,
     scope: str | None = None,
     ignore: Iterable[str | nn.Module] = (),
-    round_to: int | None = None,
+    round_to: int | str | None = None,
     max_group_sparsity: float = 0.9,
     dataloader: Iterable | None = None,
     scoring_batches: int | None = None,
@@ -293,11 +328,20 @@ def prune(
             removed, in [0, 1); 0.5 when neither ``amount`` nor ``flops_reduction`` is given (giving both is an
             error).
         flops_reduction: fraction of fvcore FLOPs to remove instead, in (0, 1), e.g. 0.443.
+        latency_reduction: fraction of *measured* latency to remove instead, in (0, 1): the pruned model's
+            latency on ``latency_input`` (eval, ``inference_mode``, median of rounds, on the input's device) is
+            at most ``(1 - latency_reduction)`` of the dense model's (within 5 % timing tolerance). Allocated over a
+            per-layer latency lookup table (:mod:`lightning_prune.allocation.latency`), then measured and
+            calibrated. Exactly one of ``amount``, ``flops_reduction``, ``latency_reduction``.
+        latency_input: the inference batch to time (default: ``example_inputs``).
+        latency_dtype: time under autocast to this dtype on CUDA (``torch.bfloat16``, ``"bf16"``...).
+        latency_cache: directory of the latency-table cache (default ``~/.cache/lightning-prune/latency``).
         allocation: how many channels each group loses: ``"uniform"`` (the same fraction everywhere; alias
             ``"layerwise"``), ``"global"`` (one score threshold across groups) or ``"sensitivity"`` (paper 2's
             FLOP-normalized sensitivity analysis; needs ``val_dataloader``). ``scope`` is an accepted older name.
         ignore: module names (or modules) whose output channels are never pruned.
-        round_to: keep widths multiples of this (e.g. 8) where possible.
+        round_to: keep widths multiples of this (e.g. 8) where possible; ``"auto"`` (latency targets): the
+            hardware-friendly step (8, or 16 for half/bf16 on CUDA).
         max_group_sparsity: no group loses more than this fraction of its original width.
         dataloader: batches for data-driven criteria (``(x, y)`` tuples by default; see ``batch_fn``).
         scoring_batches: how many batches of ``dataloader`` data-driven criteria see (default: all).
@@ -321,18 +365,11 @@ def prune(
     """
     _check_prune_arguments(model, ignore=ignore, dataloader=dataloader, batch_fn=batch_fn,
                            val_dataloader=val_dataloader, sensitivity=sensitivity, plan=plan, graph_kwargs=graph_kwargs)
-    if amount is not None and flops_reduction is not None:
-        raise ValueError("Give exactly one of amount (fraction of channels) or flops_reduction (fraction of FLOPs), "
-                         f"got amount={amount!r} and flops_reduction={flops_reduction!r}.")
-    if amount is None and flops_reduction is None:
-        amount = 0.5
-    if amount is not None:
-        target, target_kind = check_fraction("amount", amount), "channels"
-    else:
-        target, target_kind = check_fraction("flops_reduction", flops_reduction, allow_zero=False), "flops"
+    target, target_kind = resolve_target(amount, flops_reduction, latency_reduction, default_amount=0.5)
     allocation = resolve_allocation(allocation, scope)
+    latency_dtype = check_latency_arguments(target_kind, round_to, latency_input, latency_dtype, allocation)
     check_fraction("max_group_sparsity", max_group_sparsity, allow_zero=False)
-    if round_to is not None:
+    if round_to is not None and round_to != "auto":
         check_positive_int("round_to", round_to)
     if scoring_batches is not None:
         check_positive_int("scoring_batches", scoring_batches)
@@ -350,11 +387,15 @@ def prune(
         )
     graph = DependencyGraph(model, example_inputs, ignore=ignore, plan=plan, **graph_kwargs)
     evaluate = _accuracy_evaluator(model, val_dataloader, batch_fn) if val_dataloader is not None else None
+    latency = None
+    if target_kind == "latency":
+        latency = LatencyTarget(example_inputs if latency_input is None else latency_input, latency_dtype,
+                                cache_dir=latency_cache)
     return prune_event(
         graph, criterion, target, target_kind=target_kind, allocation=allocation, round_to=round_to,
         max_group_sparsity=max_group_sparsity, dataloader=dataloader, scoring_batches=scoring_batches,
         batch_fn=batch_fn, evaluate=evaluate, sensitivity=sensitivity, recalibration_data=dataloader,
-        recalibrate_batches=recalibrate_batches, source="prune",
+        recalibrate_batches=recalibrate_batches, latency=latency, source="prune",
     )
 
 

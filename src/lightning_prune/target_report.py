@@ -14,7 +14,8 @@ from .allocation import min_width
 
 
 def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: float, original_flops: float | None,
-                  max_group_sparsity: float, round_to: int | None) -> tuple[bool, float, str | None]:
+                  max_group_sparsity: float, round_to: int | None,
+                  latency_ratio: float | None = None) -> tuple[bool, float, str | None]:
     """``(met, reached, why_not)``: ``reached`` is the channel sparsity (``target_kind="channels"``) or the FLOPs
     reduction vs the original model; ``why_not`` is None when met, else a sentence naming the caps."""
     groups = graph.groups
@@ -23,6 +24,11 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
         reached = graph.channel_sparsity()
         # One channel of slack: no removal lands closer when the target falls between two channel counts.
         met = target <= 0 or (bool(original) and reached >= target - 1.0 / original - 1e-9)
+    elif target_kind == "latency":  # measured: met within the timing tolerance of allocation.latency
+        from .allocation.latency import TOLERANCE
+
+        reached = 1.0 - latency_ratio if latency_ratio is not None else 0.0
+        met = target <= 0 or (latency_ratio is not None and latency_ratio <= (1 - target) * (1 + TOLERANCE))
     else:
         reached = 1.0 - flops_after / original_flops if original_flops else 0.0
         met = target <= 0 or (bool(original_flops) and flops_after <= original_flops * (1 - target) * 1.001)
@@ -34,6 +40,8 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
 
 def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float, round_to: int | None) -> str:
     causes = []
+    if round_to == "auto":  # the latency target's hardware steps (allocation.latency.auto_step): at most 8
+        round_to = 8
     excluded = dict(getattr(graph, "excluded", {}) or {})
     unmappable = dict(getattr(graph, "unmappable", {}) or {})
     frozen = list(getattr(graph, "frozen_ops", []) or [])
@@ -70,12 +78,13 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
 
 
 def check_target(graph: Any, target: float, target_kind: str, flops_after: float, original_flops: float | None,
-                 max_group_sparsity: float, round_to: int | None, stop_reason: str | None = None) -> bool:
+                 max_group_sparsity: float, round_to: int | None, stop_reason: str | None = None,
+                 latency_ratio: float | None = None) -> bool:
     """:func:`assess_target`, warning (naming the caps, and ``stop_reason`` when the allocation stopped early, e.g.
     at ``max_rounds``) when the target was not met. Returns ``met``."""
     met, _, why_not = assess_target(graph, target, target_kind, flops_after=flops_after,
                                     original_flops=original_flops, max_group_sparsity=max_group_sparsity,
-                                    round_to=round_to)
+                                    round_to=round_to, latency_ratio=latency_ratio)
     if not met:
         warnings.warn(f"{why_not} Stopped early: {stop_reason}." if stop_reason else why_not, stacklevel=3)
     return met

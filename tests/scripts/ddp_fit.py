@@ -70,8 +70,9 @@ class SaveRankResult(pl.Callback):
             "done": list(self.prune.done_epochs),
             "world_size": trainer.world_size,
             "val_images": self._val_images(trainer),
-            "reports": [{"sensitivity_steps": r.get("sensitivity_steps", []), "target_met": r.get("target_met")}
-                        for r in self.prune.reports],
+            "reports": [{"sensitivity_steps": r.get("sensitivity_steps", []), "target_met": r.get("target_met"),
+                         "latency_ratio": r.get("latency_ratio")} for r in self.prune.reports],
+            "latency_table": self.prune.latency_table,
         }
         torch.save(result, self.out / f"rank{trainer.global_rank}.pt")
 
@@ -106,6 +107,7 @@ def main() -> None:
                         help="sensitivity allocation with BatchNorm re-estimation in every trial")
     parser.add_argument("--sensitivity-default", action="store_true",
                         help="sensitivity allocation to a FLOPs target with the default options")
+    parser.add_argument("--latency", action="store_true", help="latency_reduction=0.3 instead of amount=0.5")
     parser.add_argument("--model", default="digits_cnn")
     parser.add_argument("--val-batches", type=float, default=2,
                         help="limit_val_batches; 0 turns the validation loop off (the pruning still validates)")
@@ -133,6 +135,8 @@ def main() -> None:
         options = json.loads(args.sensitivity_options) if args.sensitivity_options else None
         target = dict(flops_reduction=0.3)
         extra = dict(allocation="sensitivity", sensitivity=options)
+    if args.latency:
+        target = dict(latency_reduction=0.3, latency_cache=str(out / "latency-cache"))
     prune = PruneCallback(epochs=[1, 2], criterion=criterion, scoring_batches=scoring_batches,
                           verbose=False, **target, **extra)
     callbacks = [prune, RecordFirstEventState(prune, out), SaveRankResult(prune, out)]

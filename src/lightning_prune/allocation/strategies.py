@@ -53,6 +53,8 @@ class AllocationContext:
     #: ``recalibrator(num_batches)`` -> a callable re-estimating BatchNorm statistics (sensitivity trials)
     recalibrator: Callable[[int], Callable[[], Any]] | None = None
     sensitivity: Mapping[str, Any] = field(default_factory=dict)
+    #: a latency target (``allocation.latency.LatencyTarget``) when ``target_kind == "latency"``
+    latency: Any = None
     #: filled by the strategy: one record per sensitivity round, and why it stopped short of the target
     records: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str | None = None

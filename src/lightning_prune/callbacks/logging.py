@@ -53,6 +53,12 @@ def log_prune_event(trainer: pl.Trainer, report: PruneReport, epoch: int) -> Non
         "prune/event/seconds": report.seconds,
         "prune/event/epoch": float(epoch),
     }
+    if report.latency_ratio is not None:
+        metrics["prune/event/latency_ms"] = float(report.latency_after_ms)
+        metrics["prune/event/latency_reduction"] = float(report.latency_reduction)
+        metrics["prune/event/predicted_latency_ms"] = float(report.predicted_latency_ms)
+        if report.latency_error is not None:
+            metrics["prune/event/latency_error"] = float(report.latency_error)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
 

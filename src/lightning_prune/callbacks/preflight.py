@@ -128,6 +128,11 @@ def _dry_run(callback: Any, trainer: Any, pl_module: Any) -> None:
         inputs, _ = check_batch(first_batch(loader, "train"), split, "train")
         example, source = _first_rows(inputs), "the inputs of the first training batch (via batch_fn)"
     check_forward(pl_module, example, source, forward_fn)
+    if getattr(callback, "latency_input", None) is not None:  # the batch latency targets are timed on
+        try:
+            check_forward(pl_module, callback.latency_input, "latency_input", forward_fn)
+        except PreflightError as error:
+            raise PreflightError("latency_input" + str(error)[len("example_input"):]) from error.__cause__
 
     if needs_scoring:
         loader = scoring_dataloader(callback, trainer)

@@ -26,6 +26,8 @@ from ..errors import (
     check_positive_int,
 )
 from ..allocation import sensitivity_allocator
+from ..allocation.latency import LatencyTarget, check_latency_arguments, resolve_target
+from ..structure.latency import LatencyModel
 from ..pruning import prune_event, resolve_allocation
 from ..structure import (
     DependencyGraph,
@@ -58,7 +60,13 @@ class PruneCallback(Callback):
     Args:
         amount: fraction of the prunable channels removed by the end of the schedule, in [0, 1).
         flops_reduction: fraction of fvcore FLOPs removed by the end of the schedule, in (0, 1) (e.g. 0.443, as
-            papers report it). Give exactly one of ``amount`` and ``flops_reduction``.
+            papers report it).
+        latency_reduction: fraction of *measured* latency removed by the end of the schedule, in (0, 1): timed on
+            the device the model trains on, at ``latency_input`` (default: the example input) and
+            ``latency_dtype`` (autocast on CUDA), eval mode, ``inference_mode``, median of rounds. Allocated over a
+            per-layer latency lookup table (built at the first event, cached on disk under ``latency_cache``,
+            kept in the callback state), then measured and calibrated (:mod:`lightning_prune.allocation.latency`).
+            Give exactly one of ``amount``, ``flops_reduction`` and ``latency_reduction``.
         criterion: a criterion name (see :func:`lightning_prune.criteria.available`) or object.
         allocation: ``"uniform"`` (layerwise), ``"global"`` or ``"sensitivity"``; ``scope`` is an older name.
         schedule: ``"one_shot"``, ``"iterative"`` (equal steps) or ``"agp"`` (cubic, Zhu & Gupta).
@@ -66,7 +74,8 @@ class PruneCallback(Callback):
         start_epoch, end_epoch, steps: the events of a named schedule: ``steps`` epochs spread over
             ``[start_epoch, end_epoch]``.
         ignore: module names (relative to the LightningModule, e.g. ``"model.fc"``) never pruned.
-        round_to: keep widths multiples of this where possible.
+        round_to: keep widths multiples of this where possible; ``"auto"`` (latency targets only): 8, or 16 for
+            half/bf16 on CUDA.
         max_group_sparsity: no group loses more than this fraction of its original width.
         scoring_batches: training batches data-driven criteria see per event (>= 1). No optimizer step happens
             while scoring; train/eval modes, gradients and the RNG are restored afterwards.
@@ -106,7 +115,7 @@ class PruneCallback(Callback):
         end_epoch: int | None = None,
         steps: int = 3,
         ignore: Iterable[str] = (),
-        round_to: int | None = None,
+        round_to: int | str | None = None,
         max_group_sparsity: float = 0.9,
         scoring_batches: int = 8,
         scoring_dataloader: Any = None,
@@ -120,17 +129,15 @@ class PruneCallback(Callback):
         scope: str | None = None,
         prune_frozen: bool = False,
         on_error: str = "skip",
+        latency_reduction: float | None = None,
+        latency_input: Any = None,
+        latency_dtype: str | None = None,
+        latency_cache: str | None = None,
     ):
         super().__init__()
         self.on_error = check_choice("on_error", on_error, ON_ERROR)
-        if (amount is None) == (flops_reduction is None):
-            raise ValueError("PruneCallback needs exactly one of amount (fraction of channels) or flops_reduction "
-                             "(fraction of FLOPs).")
-        if amount is not None:
-            self.target, self.target_kind = check_fraction("amount", amount), "channels"
-        else:
-            self.target = check_fraction("flops_reduction", flops_reduction, allow_zero=False)
-            self.target_kind = "flops"
+        self.target, self.target_kind = resolve_target(amount, flops_reduction, latency_reduction,
+                                                       owner="PruneCallback")
         check_choice("schedule", schedule, SCHEDULES)
         check_positive_int("steps", steps)
         # Types first (ints are ints: epochs=[0.7] would silently become epoch 0), values after.
@@ -139,11 +146,15 @@ class PruneCallback(Callback):
         check_int("start_epoch", start_epoch, minimum=0)
         check_int("end_epoch", end_epoch, minimum=0, allow_none=True)
         self.allocation = resolve_allocation(allocation, scope)
+        self.latency_dtype = check_latency_arguments(self.target_kind, round_to, latency_input, latency_dtype,
+                                                     self.allocation)
+        self.latency_input, self.latency_cache = latency_input, latency_cache
         self.criterion = preflight.build_criterion(criterion, criterion_kwargs)
         self.schedule = build_schedule(self.target, schedule=schedule, epochs=epochs, start_epoch=start_epoch,
                                        end_epoch=end_epoch, steps=steps)
         self.ignore = check_names("ignore", ignore)
-        check_int("round_to", round_to, minimum=1, allow_none=True)
+        if round_to != "auto":
+            check_int("round_to", round_to, minimum=1, allow_none=True)
         self.round_to = round_to
         self.max_group_sparsity = check_fraction("max_group_sparsity", max_group_sparsity, allow_zero=False)
         self.scoring_batches = check_positive_int("scoring_batches", scoring_batches)
@@ -171,6 +182,9 @@ class PruneCallback(Callback):
         self.excluded_groups: dict[str, str] = {}
         #: events that failed and were skipped: ``{"epoch", "error", "reason"}`` each (``on_error="skip"``).
         self.failed_events: list[dict[str, Any]] = []
+        #: latency targets: the lookup table (plain data, rank zero's) and the measured ratio vs the dense model
+        self.latency_table: dict[str, Any] | None = None
+        self.latency_ratio: float = 1.0
         self._hooks: list[Callable[[], None]] = []  # removers of everything installed on the trainer/module
         self._last_loss: torch.Tensor | None = None
         self._resume_restore: Callable[[], None] | None = None
@@ -289,6 +303,8 @@ class PruneCallback(Callback):
             "reports": list(self.reports),
             "excluded_groups": dict(self.excluded_groups),
             "failed_events": [dict(e) for e in self.failed_events],
+            "latency_table": self.latency_table,
+            "latency_ratio": self.latency_ratio,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -300,6 +316,8 @@ class PruneCallback(Callback):
         self.reports = list(state_dict.get("reports", []))
         self.excluded_groups = dict(state_dict.get("excluded_groups", {}))
         self.failed_events = [dict(e) for e in state_dict.get("failed_events", [])]
+        self.latency_table = state_dict.get("latency_table")
+        self.latency_ratio = float(state_dict.get("latency_ratio", 1.0))
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         # A copy outside the callback section, so load_pruned() works without knowing the callback's state key.
@@ -382,6 +400,7 @@ class PruneCallback(Callback):
             if self.sensitivity.get("recalibrate_batches") and self.allocation == "sensitivity":
                 shard = "data"  # re-estimation all-reduces per trial: every rank runs every trial
             evaluate = distributed.validation_accuracy(trainer, pl_module, self.batch_fn, shard=shard)
+        latency = self._latency_target(example, pl_module) if self.target_kind == "latency" else None
         try:
             report = prune_event(
                 graph, self.criterion, target, target_kind=self.target_kind, allocation=self.allocation,
@@ -392,13 +411,15 @@ class PruneCallback(Callback):
                 reduce_state=distributed.state_reducer(trainer), original_flops=self.original_flops,
                 evaluate=evaluate, sensitivity=self.sensitivity, on_surgery=after_surgery,
                 before_surgery=distributed.removal_verifier(trainer), collective=distributed.collective(trainer),
-                epoch=epoch,
+                latency=latency, epoch=epoch,
             )
         except BaseException:
             # Groups found unprunable stay remembered; everything else is rolled back by _prune.
             self.excluded_groups.update(graph.excluded)
             raise
         self.excluded_groups.update(graph.excluded)
+        if latency is not None:
+            self.latency_table, self.latency_ratio = latency.table.to_dict(), latency.ratio
         distributed.rewrap(trainer, pl_module)
         distributed.verify_same_plan(trainer, graph.plan)
         self.plan = graph.plan
@@ -431,11 +452,24 @@ class PruneCallback(Callback):
             "prune/flops_reduction": float(last["flops_reduction"]),
             "prune/channel_sparsity": float(last["channel_sparsity"]),
         }
+        if last.get("latency_ratio") is not None:
+            metrics["prune/latency_ms"] = float(last["latency_after_ms"])
+            metrics["prune/latency_reduction"] = float(1.0 - last["latency_ratio"])
+            if last.get("latency_error") is not None:
+                metrics["prune/latency_error"] = float(last["latency_error"])
         if self.log_widths:
             metrics.update({f"prune/width/{name}": float(w) for name, w in last["widths_after"].items()})
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, sync_dist=False, rank_zero_only=True)
 
     # -- inputs ------------------------------------------------------------------------------------------------
+    def _latency_target(self, example: Any, pl_module: pl.LightningModule) -> LatencyTarget:
+        """The event's latency target: timed on ``latency_input`` (default: the example input) on the module's
+        device, with the table and ratio of earlier events (or of the checkpoint this fit resumed from)."""
+        inputs = example if self.latency_input is None else _to_device(self.latency_input, pl_module.device)
+        table = LatencyModel.from_dict(self.latency_table) if self.latency_table else None
+        return LatencyTarget(inputs, self.latency_dtype, cache_dir=self.latency_cache, table=table,
+                             ratio=self.latency_ratio)
+
     def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array
         if example is None:

@@ -1,0 +1,121 @@
+"""Accuracy at equal measured latency: latency targeting vs FLOPs targeting on the digits with CIFAR ResNet-20.
+
+One dense ResNet-20 (1 input channel, 16x16 digits) is trained for ``--epochs``; copies are pruned one-shot with
+the L2 criterion, (a) ``latency_reduction=r`` and (b) ``flops_reduction=f`` for several ``f``, each fine-tuned for
+``--finetune`` epochs (SGD, same seed and data order) and evaluated on the test split. The latency ratio of each
+variant is measured interleaved with the dense model (batch ``--batch``, one thread); FLOPs targeting's accuracy
+at the latency variant's measured ratio is interpolated linearly between the two nearest FLOPs variants.
+
+    python benchmarks/latency_accuracy.py --target 0.5
+
+Prints a Markdown table (and writes it to ``docs/benchmarks/latency_accuracy.md``).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_description, write_results  # noqa: E402
+from lightning_prune.datamodules import DigitsDataModule  # noqa: E402
+from lightning_prune.models import create_model  # noqa: E402
+from lightning_prune.pruning import prune  # noqa: E402
+from lightning_prune.structure import count_flops  # noqa: E402
+from lightning_prune.structure.latency import measure_ratio  # noqa: E402
+
+IMAGE = 16
+
+
+def train(model, loader, epochs: int, lr: float, seed: int) -> None:
+    torch.manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    steps = epochs * len(loader)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(steps, 1))
+    model.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            schedule.step()
+
+
+@torch.no_grad()
+def accuracy(model, loader) -> float:
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--flops", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--finetune", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "latency_accuracy.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    dm = DigitsDataModule(image_size=IMAGE, batch_size=64, seed=0)
+    dm.setup("fit")
+    dm.setup("test")
+    torch.manual_seed(0)
+    dense = create_model("resnet20", num_classes=10, in_channels=1)
+    train(dense, dm.train_dataloader(), args.epochs, 0.1, seed=0)
+    dense.eval()
+    x = torch.randn(args.batch, 1, IMAGE, IMAGE)
+    example = x[:2]
+    rows = [{"variant": "dense", "latency_ratio": 1.0, "flops_ratio": 1.0, "acc": accuracy(dense, dm.test_dataloader())}]
+    dense_flops = count_flops(dense, example[:1])
+    cache = tempfile.mkdtemp()
+    variants = [("latency_reduction", args.target)] + [("flops_reduction", f) for f in args.flops]
+    for kind, value in variants:
+        model = copy.deepcopy(dense)
+        prune(model, example, "l2", latency_input=x if kind == "latency_reduction" else None,
+              latency_cache=cache if kind == "latency_reduction" else None, **{kind: value})
+        train(model, dm.train_dataloader(), args.finetune, 0.02, seed=1)
+        model.eval()
+        dense_ms, ms = measure_ratio(dense, model, x, rounds=args.rounds)
+        rows.append({"variant": f"{kind}={value}", "latency_ratio": ms / dense_ms,
+                     "flops_ratio": count_flops(model, example[:1]) / dense_flops,
+                     "acc": accuracy(model, dm.test_dataloader())})
+        print(rows[-1], flush=True)
+    latency_row = rows[1]
+    flops_rows = sorted(rows[2:], key=lambda r: r["latency_ratio"])
+    at = latency_row["latency_ratio"]
+    interpolated = None
+    for a, b in zip(flops_rows, flops_rows[1:]):
+        if a["latency_ratio"] <= at <= b["latency_ratio"] and b["latency_ratio"] > a["latency_ratio"]:
+            w = (at - a["latency_ratio"]) / (b["latency_ratio"] - a["latency_ratio"])
+            interpolated = a["acc"] + w * (b["acc"] - a["acc"])
+    lines = ["# Accuracy at equal measured latency (digits, ResNet-20, CPU one thread)", "",
+             *machine_description(1), "",
+             f"Dense trained {args.epochs} epochs; each variant pruned one-shot (L2) and fine-tuned {args.finetune} "
+             f"epochs; latency at batch {args.batch}, {IMAGE}x{IMAGE}, interleaved with the dense model.", "",
+             "| variant | measured latency ratio | FLOPs ratio | test accuracy |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['latency_ratio']:.3f} | {r['flops_ratio']:.3f} | {100 * r['acc']:.2f} % |"
+              for r in rows]
+    lines += ["", f"FLOPs targeting interpolated at the latency variant's measured ratio {at:.3f}: "
+              + (f"{100 * interpolated:.2f} %" if interpolated is not None else "outside the FLOPs variants' range")
+              + f" vs latency targeting {100 * latency_row['acc']:.2f} %."]
+    text = "\n".join(lines) + "\n"
+    write_results(Path(args.out), text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

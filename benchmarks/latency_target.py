@@ -1,0 +1,129 @@
+"""Latency targets (issue 13): does ``latency_reduction=r`` deliver a measured latency ratio <= 1 - r, and what
+does ``flops_reduction=r`` (the proxy) deliver?
+
+For each model (torchvision ``resnet18``, ``resnet50``, ``mobilenet_v2``, ``vgg16_bn`` at 224x224 batch 8; the
+CIFAR ``resnet56`` at 32x32 batch 64; random weights with a fixed seed, eval mode) and each target ``r``:
+
+* **latency**: a copy pruned with ``prune(model, x[:2], "l2", latency_reduction=r, latency_input=x)``;
+* **flops**: a copy pruned with ``prune(model, x[:2], "l2", flops_reduction=r)`` (uniform allocation).
+
+The latency ratio of a variant is measured by *interleaving* it with the dense model (``measure_ratio``: dense,
+variant, variant, dense, ... median of ``--rounds`` each), so a shared machine's changing load falls on both alike.
+Goal: measured ratio <= (1 - r) x 1.05 for the latency target in every case. Also reported: the latency table's
+build time and the number of distinct layer timings (a machine-independent count), the event's wall time, the
+table's prediction error at the pruned widths, and the FLOPs ratio each variant reaches.
+
+Usage::
+
+    python benchmarks/latency_target.py                          # all models, targets 0.3 and 0.5
+    python benchmarks/latency_target.py --models resnet56 --targets 0.5 --rounds 10
+    python benchmarks/latency_target.py --batch 2                # big models at a smaller batch
+
+Writes Markdown to ``docs/benchmarks/latency_target.md`` (rows are appended as they finish).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import machine_description, write_results  # noqa: E402
+from lightning_prune.models import create_model  # noqa: E402
+from lightning_prune.pruning import prune  # noqa: E402
+from lightning_prune.structure import DependencyGraph, count_flops  # noqa: E402
+from lightning_prune.structure.latency import LatencyModel, measure_ratio  # noqa: E402
+
+DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "latency_target.md"
+MODELS = {"resnet56": (32, 64, 10), "resnet18": (224, 8, 1000), "mobilenet_v2": (224, 8, 1000),
+          "resnet50": (224, 8, 1000), "vgg16_bn": (224, 8, 1000)}
+TOLERANCE = 0.05
+
+
+def build(name: str, classes: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model(name, num_classes=classes).eval()
+
+
+def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, rounds: int, cache: str) -> dict:
+    row = {"model": name, "batch": x.shape[0], "target": target}
+    dense_flops = count_flops(dense, x[:1])
+    latency_model = copy.deepcopy(dense)
+    start = time.perf_counter()
+    report = prune(latency_model, x[:2], "l2", latency_reduction=target, latency_input=x, latency_cache=cache)
+    row["event_s"] = time.perf_counter() - start
+    flops_model = copy.deepcopy(dense)
+    prune(flops_model, x[:2], "l2", flops_reduction=target)
+    for label, model in (("latency", latency_model), ("flops", flops_model)):
+        dense_ms, ms = measure_ratio(dense, model, x, rounds=rounds)
+        row[f"{label}_ratio"] = ms / dense_ms
+        row[f"{label}_flops_ratio"] = count_flops(model, x[:1]) / dense_flops
+    row["dense_ms"] = dense_ms
+    row["predicted_ratio"] = report.predicted_latency_ms / report.dense_latency_ms
+    row["event_ratio"] = report.latency_ratio
+    row["met"] = row["latency_ratio"] <= (1 - target) * (1 + TOLERANCE)
+    return row
+
+
+def render(rows: list[dict], tables: dict, args: argparse.Namespace, started: str, machine: list[str]) -> str:
+    lines = [f"# Latency targets (CPU, {args.threads} thread)", "", f"Started {started} UTC. `python "
+             f"benchmarks/latency_target.py {' '.join(sys.argv[1:])}`", "", *machine, "",
+             "Ratios are pruned / dense latency, measured interleaved with the dense model (median of "
+             f"{args.rounds} rounds each); goal: latency ratio <= (1 - target) x 1.05.", "",
+             "| model | batch | target | goal ratio | **latency target: measured ratio** | met | its FLOPs ratio | "
+             "table predicted | event's own measurement | flops_reduction target: latency ratio | its FLOPs ratio | "
+             "dense ms | event s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['batch']} | {r['target']:.1f} | {1 - r['target']:.3f} | "
+                     f"**{r['latency_ratio']:.3f}** | {'yes' if r['met'] else 'NO'} | {r['latency_flops_ratio']:.3f} | "
+                     f"{r['predicted_ratio']:.3f} | {r['event_ratio']:.3f} | {r['flops_ratio']:.3f} | "
+                     f"{r['flops_flops_ratio']:.3f} | {r['dense_ms']:.1f} | {r['event_s']:.1f} |")
+    lines += ["", "Latency tables (built once per model, then read from the cache):", "",
+              "| model | layers in table | distinct layer timings | build s |", "|---|---|---|---|"]
+    for name, t in tables.items():
+        lines.append(f"| {name} | {t['layers']} | {t['timings']} | {t['build_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=None, help="override the batch of the 224x224 models")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(DEFAULT_OUT))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
+    machine = machine_description(args.threads)
+    cache = tempfile.mkdtemp(prefix="latency-cache-")
+    rows, tables = [], {}
+    for name in args.models:
+        size, batch, classes = MODELS[name]
+        if args.batch and size == 224:
+            batch = args.batch
+        dense = build(name, classes)
+        x = torch.randn(batch, 3, size, size)
+        table = LatencyModel.build(DependencyGraph(dense, x[:2]), x, cache_dir=cache)
+        tables[name] = {"layers": len(table.entries), "timings": table.timings, "build_s": table.build_s}
+        for target in args.targets:
+            t0 = time.perf_counter()
+            rows.append(run_case(name, dense, x, target, args.rounds, cache))
+            print(f"[{name} {target}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            write_results(Path(args.out), render(rows, tables, args, started, machine))
+    print(render(rows, tables, args, started, machine))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Allocation to a measured-latency budget (``latency_reduction``).
+
+``latency_reduction=r`` asks that the pruned model's *measured* latency (on the device it trains on, at
+``latency_input`` and ``latency_dtype``) be at most ``(1 - r)`` times the dense model's. The event:
+
+1. builds (or reads from the disk cache, or from the callback state) the :class:`LatencyModel` lookup table of
+   the dense model; under DDP rank zero builds it and every rank uses rank zero's (so all decide the same);
+2. greedy over the table: repeatedly takes the removal step (one ``round_to``/``divisions`` step, a few at a time
+   on wide groups) with the lowest *score lost per predicted millisecond saved*, respecting ``max_group_sparsity``
+   and the coupled groups of the graph, until the predicted latency meets the budget;
+3. applies it, **measures**; when the measured latency misses the budget (the table is off: functional ops,
+   memory traffic, cache effects), the budget is scaled by predicted/measured and step 2 continues from the pruned
+   model, at most ``max_calibrations`` times. Rank zero measures, every rank uses its number.
+
+Scores are compared across groups after dividing each group's scores by their mean (a scale-free importance, as
+raw filter norms differ by layer). ``round_to="auto"`` uses widths in steps of 8 (CPU oneDNN blocks, CUDA
+fp32) or 16 (CUDA half/bf16 tensor cores), smaller for groups too narrow for several such steps.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from ..structure.latency import LatencyModel, _first_device, measure_latency, measure_ratio
+from .core import _floor_width, _unit_order
+from .strategies import AllocationContext, AllocationStrategy, register_strategy
+
+log = logging.getLogger("lightning_prune")
+
+#: measured latency may exceed the budget by this fraction and still count as met (timing noise)
+TOLERANCE = 0.05
+
+
+def auto_step(group: Any, device: torch.device, dtype: torch.dtype | None) -> int:
+    """``round_to="auto"``: the width step the hardware's kernels favour, smaller for narrow groups."""
+    step = 16 if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) else 8
+    while step > 1 and group.original_size < 4 * step:
+        step //= 2
+    return max(step, group.divisions)
+
+
+def group_step(group: Any, round_to: int | str | None, device: torch.device, dtype: torch.dtype | None) -> int:
+    if round_to == "auto":
+        step = auto_step(group, device, dtype)
+    else:
+        step = int(round_to or 1)
+    step = math.lcm(step, group.divisions) if step % group.divisions else step
+    return step if step < group.size else group.divisions
+
+
+@dataclass
+class LatencyTarget:
+    """What an event needs to prune to a latency budget, and what it measured (kept by the callback between
+    events: the table, the dense latency, the cumulative measured ratio)."""
+
+    inputs: Any
+    dtype: torch.dtype | None = None
+    cache_dir: Any = None
+    table: LatencyModel | None = None
+    #: cumulative measured latency ratio of the model vs the dense one (1.0 before any pruning)
+    ratio: float = 1.0
+    rounds: int = 10
+    max_calibrations: int = 3
+    records: list[dict[str, Any]] = field(default_factory=list)
+    before_ms: float | None = None
+    after_ms: float | None = None
+    predicted_ms: float | None = None
+
+    def ensure_table(self, graph: Any, collective: Any) -> LatencyModel:
+        if self.table is None:
+            data = None
+            if collective.rank == 0:
+                data = LatencyModel.build(graph, self.inputs, self.dtype, cache_dir=self.cache_dir).to_dict()
+            data = collective.gather(data)[0]  # rank zero's table on every rank
+            self.table = LatencyModel.from_dict(data)
+        return self.table
+
+    def measure(self, model: torch.nn.Module, collective: Any) -> float:
+        value = measure_latency(model, self.inputs, self.dtype, rounds=self.rounds) if collective.rank == 0 else None
+        return float(collective.gather(value)[0])
+
+    def measure_against(self, reference: torch.nn.Module | None, model: torch.nn.Module,
+                        collective: Any) -> tuple[float, float] | None:
+        """``(reference ms, model ms)`` timed alternately on rank zero (load cancels in their ratio), broadcast."""
+        value = None
+        if collective.rank == 0 and reference is not None:
+            value = measure_ratio(reference, model, self.inputs, self.dtype, rounds=2 * self.rounds)
+        return collective.gather(value)[0]
+
+    @property
+    def device(self) -> torch.device:
+        return _first_device(self.inputs)
+
+    @property
+    def dense_ms(self) -> float:
+        return self.table.dense_ms if self.table is not None else float("nan")
+
+
+def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module | None:
+    import copy
+
+    try:
+        trainer = getattr(model, "_trainer", None)
+        if trainer is not None:  # a LightningModule: copy it without its trainer
+            model._trainer = None
+        try:
+            return copy.deepcopy(model).eval()
+        finally:
+            if trainer is not None:
+                model._trainer = trainer
+    except Exception:  # noqa: BLE001 (an uncopyable model is measured alone)
+        return None
+
+
+def plan_widths(graph: Any, scores: Mapping[str, torch.Tensor], table: LatencyModel, budget_ms: float, *,
+                round_to: int | str | None, max_group_sparsity: float, device: torch.device,
+                dtype: torch.dtype | None, chunks: int = 32) -> dict[str, int]:
+    """Greedy: new width per group so that ``table.predict(widths) <= budget_ms``, removing first where the score
+    lost per predicted millisecond saved is lowest. A move removes ``k`` steps of a group (``k`` about 1/``chunks``
+    of its original width, at least one step)."""
+    groups = list(graph.groups)
+    widths = {g.name: g.size for g in groups}
+    state = {}
+    for g in groups:
+        units = _unit_order(g, scores[g.name])  # (score, position), lowest first; one unit = divisions channels
+        values = [s for s, _ in units]
+        mean = sum(values) / len(values) if values else 1.0
+        # Removing a unit costs its normalized score, more the thinner the group already is (1 / kept fraction):
+        # a greedy on raw ratios would otherwise thin a few cheap-per-ms groups (a ResNet's residual stream) to
+        # their floor before touching any other.
+        done = (g.original_size - g.size) // g.divisions
+        total_units = max(g.original_size // g.divisions, 1)
+        normalized = [(v / mean if mean > 0 else v) / max(1.0 - (done + k) / total_units, 0.05)
+                      for k, v in enumerate(values)]
+        step = group_step(g, round_to, device, dtype)
+        state[g.name] = {
+            "group": g, "step": step, "floor": _floor_width(g, max_group_sparsity, step),
+            "prefix": [0.0] + list(_cumsum(normalized)),
+            "move": step * max(1, round(g.original_size / chunks / step)),
+        }
+    scale = table.scale()
+
+    def candidate(name: str) -> tuple[float, int] | None:
+        """The best move of group ``name``: over the widths on its step grid between its current width and its
+        floor (every ``move``-th, plus the next step), the one losing the least score per millisecond saved. Looking
+        past the next step matters: kernels are not monotonic in width (a 12-channel conv can be slower than a
+        16-channel one), so a myopic step may save nothing."""
+        s = state[name]
+        g, width, step = s["group"], widths[name], s["step"]
+        one_step = step * ((width - 1) // step)  # the next width on the step grid
+        lowers = sorted({w for w in range(one_step, s["floor"] - 1, -s["move"]) if w > 0} |
+                        ({one_step} if one_step >= s["floor"] else set()), reverse=True)
+        if not lowers:
+            return None
+        now = table.group_ms(name, widths)
+        first_unit = (g.size - width) // g.divisions
+        best = None
+        for lower in lowers:
+            saved = (now - table.group_ms(name, {**widths, name: lower})) * scale
+            if saved <= 1e-9:
+                continue
+            lost = s["prefix"][(g.size - lower) // g.divisions] - s["prefix"][first_unit]
+            if best is None or lost / saved < best[0]:
+                best = (lost / saved, lower)
+        return best
+
+    predicted = table.predict(widths)
+    moves = {g.name: candidate(g.name) for g in groups}
+    while predicted > budget_ms:
+        options = [(c[0], i, name, c[1]) for i, (name, c) in enumerate(moves.items()) if c is not None]
+        if not options:
+            break
+        _, _, name, lower = min(options)
+        if table.predict({**widths, name: lower}) < budget_ms:
+            # The move overshoots the budget: take the widest width of that group that still meets it, so the
+            # last move removes no more than needed.
+            step = state[name]["step"]
+            for width in range(step * ((widths[name] - 1) // step), lower, -step):
+                if width >= state[name]["floor"] and table.predict({**widths, name: width}) <= budget_ms:
+                    lower = width
+                    break
+        widths[name] = lower
+        predicted = table.predict(widths)
+        touched = {name} | {other for layer in table.by_group.get(name, ()) for other in
+                            (table.entries[layer]["in_group"], table.entries[layer]["out_group"]) if other}
+        for other in touched:
+            if other in moves:
+                moves[other] = candidate(other)
+    return widths
+
+
+def _cumsum(values: list[float]) -> list[float]:
+    total, out = 0.0, []
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+def removals_for(graph: Any, scores: Mapping[str, torch.Tensor], widths: Mapping[str, int]) -> dict[str, list[int]]:
+    return {g.name: g.lowest(scores[g.name], g.size - widths[g.name]) for g in graph.groups
+            if widths.get(g.name, g.size) < g.size}
+
+
+class LatencyAllocation(AllocationStrategy):
+    """The ``"latency"`` target: greedy over the latency table, then measure and calibrate (see module doc)."""
+
+    name = "latency"
+
+    def check(self, ctx: AllocationContext) -> None:
+        if not isinstance(ctx.latency, LatencyTarget):
+            raise ValueError("a latency target needs latency_input (or an example input) to measure on.")
+
+    def run(self, ctx: AllocationContext) -> bool:
+        target: LatencyTarget = ctx.latency
+        graph, collective = ctx.graph, ctx.collective
+        table = target.ensure_table(graph, collective)
+        goal_ratio = 1.0 - ctx.target  # cumulative, vs the dense model
+        start_ratio = target.ratio
+        if start_ratio <= goal_ratio:
+            before = target.measure(graph.model, collective)
+            target.before_ms = before
+            target.after_ms, target.predicted_ms = before, table.predict(graph.widths())
+            return True
+        # The budget in table units: the table's dense latency times the ratio still to go.
+        budget = table.predict(graph.widths()) * goal_ratio / start_ratio
+        measured_ratio = start_ratio
+        # The model as it is now, to time against after each surgery (alternating, so a shared machine's load
+        # cancels); a model that cannot be copied is timed alone.
+        reference = _frozen_copy(graph.model) if collective.rank == 0 else None
+        before = None
+        for attempt in range(target.max_calibrations + 1):
+            scores = ctx.score()
+            widths = plan_widths(graph, scores, table, budget, round_to=ctx.round_to,
+                                 max_group_sparsity=ctx.max_group_sparsity, device=target.device,
+                                 dtype=target.dtype)
+            removals = removals_for(graph, scores, widths)
+            if not removals:
+                break
+            # After a failed surgery the groups to blame leave the graph; retry without them.
+            ctx.with_retries(lambda: {name: ix for name, ix in removals.items()
+                                      if name in {g.name for g in graph.groups}})
+            predicted = table.predict(graph.widths())
+            pair = target.measure_against(reference, graph.model, collective)
+            if pair is None:
+                if before is None:
+                    before = target.table.dense_ms * start_ratio
+                pair = (before, target.measure(graph.model, collective))
+            before, after = pair
+            target.before_ms = before
+            measured_ratio = start_ratio * after / before
+            target.records.append({"attempt": attempt, "budget_ms": budget, "predicted_ms": predicted,
+                                   "measured_ms": after, "measured_ratio": measured_ratio})
+            log.info("latency attempt %d: predicted %.2f ms, measured %.2f ms, ratio %.3f (goal %.3f)", attempt,
+                     predicted, after, measured_ratio, goal_ratio)
+            target.after_ms, target.predicted_ms = after, predicted
+            if measured_ratio <= goal_ratio:
+                break
+            # The table is off by measured/predicted here: aim the table lower by as much.
+            budget = predicted * goal_ratio / measured_ratio
+        del reference
+        if target.after_ms is None:
+            target.before_ms = target.after_ms = target.measure(graph.model, collective)
+            target.predicted_ms = table.predict(graph.widths())
+        target.ratio = measured_ratio
+        return measured_ratio <= goal_ratio * (1 + TOLERANCE)
+
+
+register_strategy("latency")(LatencyAllocation)
+
+
+# -- arguments (shared by prune(), PruneCallback and the CLI) -----------------------------------------------------
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def resolve_target(amount: float | None, flops_reduction: float | None, latency_reduction: float | None, *,
+                   default_amount: float | None = None, owner: str = "prune") -> tuple[float, str]:
+    """``(target, target_kind)`` from exactly one of ``amount`` / ``flops_reduction`` / ``latency_reduction``."""
+    from ..errors import check_fraction
+
+    given = {k: v for k, v in (("amount", amount), ("flops_reduction", flops_reduction),
+                               ("latency_reduction", latency_reduction)) if v is not None}
+    if not given and default_amount is not None:
+        given = {"amount": default_amount}
+    if len(given) != 1:
+        got = ", ".join(f"{k}={v!r}" for k, v in given.items()) or "none"
+        raise ValueError(f"{owner} needs exactly one of amount (fraction of channels), flops_reduction (fraction of "
+                         f"FLOPs) or latency_reduction (fraction of measured latency); got {got}.")
+    (name, value), = given.items()
+    if name == "amount":
+        return check_fraction("amount", value), "channels"
+    kind = "flops" if name == "flops_reduction" else "latency"
+    return check_fraction(name, value, allow_zero=False), kind
+
+
+def check_latency_arguments(target_kind: str, round_to: Any, latency_input: Any, latency_dtype: Any,
+                            allocation: str) -> torch.dtype | None:
+    """Values of the latency options; returns the dtype. ``round_to="auto"`` and the latency options need
+    ``latency_reduction``."""
+    from ..errors import ArgumentTypeError
+
+    if round_to == "auto" and target_kind != "latency":
+        raise ValueError("round_to='auto' picks widths from the latency table: it needs latency_reduction; pass an "
+                         "integer round_to (e.g. 8) or None otherwise.")
+    if target_kind != "latency":
+        if latency_input is not None or latency_dtype is not None:
+            raise ValueError("latency_input and latency_dtype are used by latency_reduction only.")
+        return None
+    if allocation == "sensitivity":
+        raise ValueError("latency_reduction allocates by score lost per millisecond saved (its own allocation); "
+                         "allocation='sensitivity' cannot be combined with it (use 'uniform' or 'global', ignored).")
+    if latency_input is not None and not isinstance(latency_input, (torch.Tensor, tuple, list, dict)):
+        raise ArgumentTypeError(f"latency_input must be a tensor, a tuple of tensors or a dict of keyword inputs "
+                                f"(an inference batch), got {type(latency_input).__name__}.")
+    if latency_dtype is None or isinstance(latency_dtype, torch.dtype):
+        return latency_dtype
+    if isinstance(latency_dtype, str) and latency_dtype in DTYPES:
+        return DTYPES[latency_dtype]
+    raise ValueError(f"latency_dtype={latency_dtype!r} is not supported; accepted values: None, a torch.dtype or "
+                     f"{', '.join(map(repr, DTYPES))}.")

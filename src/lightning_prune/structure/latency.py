@@ -1,0 +1,386 @@
+"""Latency, measured on the user's hardware, and a per-layer latency lookup table that predicts it for any widths.
+
+:func:`measure_latency` times a model the way it will be deployed: eval mode, ``torch.inference_mode``, on the
+inputs' device (CUDA synchronized), under autocast when a ``dtype`` is given on CUDA, warm-up passes, then the
+median of ``rounds`` timed passes; the model's train/eval flags are restored.
+
+:class:`LatencyModel` is the latency analogue of :class:`~lightning_prune.structure.FlopsModel`. One forward pass
+with hooks captures every prunable layer's real input shape (convolutions, linears, normalizations, and the
+elementwise/pooling modules that run on a group's channels); each distinct layer is then timed *in isolation* at a
+grid of (input width, output width) fractions and the whole-model latency at any widths is predicted as
+
+    predicted_ms(widths) = dense_ms x sum_l t_l(widths) / sum_l t_l(dense widths)
+
+with ``t_l`` interpolated bilinearly in the table. Ops outside modules (residual adds, functional activations)
+are assumed to shrink like the timed layers; the allocation corrects what the table gets wrong by measuring
+(:mod:`lightning_prune.allocation.latency`). Tables are cached on disk, keyed by device, torch version, model
+structure, input shape and dtype.
+"""
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .tracing import call_model, preserved_state
+
+GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
+TABLE_VERSION = 1
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Sigmoid,
+                nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout)
+_TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) + _ELEMENTWISE
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LIGHTNING_PRUNE_CACHE", Path.home() / ".cache" / "lightning-prune")) / "latency"
+
+
+def _first_device(inputs: Any) -> torch.device:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.device
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    import platform
+
+    return f"cpu:{platform.processor() or platform.machine()}:threads={torch.get_num_threads()}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    import contextlib
+
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def time_calls(fn, device: torch.device, *, warmup: int, rounds: int, min_sample_ms: float = 0.0) -> float:
+    """Median milliseconds of one ``fn()`` call. With ``min_sample_ms``, each timed sample repeats ``fn`` enough
+    times to last that long (short layers are otherwise below the clock's resolution and noise)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    repeat = 1
+    if min_sample_ms > 0:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        once = (time.perf_counter() - start) * 1e3
+        repeat = max(1, min(1000, int(min_sample_ms / max(once, 1e-3))))
+    samples = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        _sync(device)
+        samples.append((time.perf_counter() - start) * 1e3 / repeat)
+    return float(statistics.median(samples))
+
+
+def measure_latency(model: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *, warmup: int = 3,
+                    rounds: int = 10) -> float:
+    """Median milliseconds of one forward pass of ``model`` on ``inputs`` (eval mode, ``torch.inference_mode``,
+    on the inputs' device, CUDA synchronized, autocast to ``dtype`` on CUDA). The model's train/eval flags,
+    buffers and RNG are restored afterwards."""
+    device = _first_device(inputs)
+    with preserved_state(model), torch.inference_mode(), _autocast(device, dtype if device.type == "cuda" else None):
+        model.eval()
+        return time_calls(lambda: call_model(model, inputs), device, warmup=warmup, rounds=rounds)
+
+
+def measure_ratio(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
+                  warmup: int = 3, rounds: int = 20) -> tuple[float, float]:
+    """Median ms of ``first`` and ``second``, timed alternately (a, b, b, a, ...) so that a machine's changing load
+    falls on both alike: their ratio is robust where absolute times are not."""
+    device = _first_device(inputs)
+    times: tuple[list[float], list[float]] = ([], [])
+    with preserved_state(first), preserved_state(second), torch.inference_mode(), \
+            _autocast(device, dtype if device.type == "cuda" else None):
+        first.eval(), second.eval()
+        models = (first, second)
+        for model in models:
+            for _ in range(warmup):
+                call_model(model, inputs)
+        for r in range(rounds):
+            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                _sync(device)
+                start = time.perf_counter()
+                call_model(models[i], inputs)
+                _sync(device)
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times[0])), float(statistics.median(times[1]))
+
+
+# -- the lookup table ---------------------------------------------------------------------------------------------
+def _layer_config(module: nn.Module) -> dict[str, Any]:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return {"kernel_size": list(module.kernel_size), "stride": list(module.stride),
+                "padding": list(module.padding) if not isinstance(module.padding, str) else module.padding,
+                "dilation": list(module.dilation), "groups": module.groups, "bias": module.bias is not None,
+                "in": module.in_channels, "out": module.out_channels}
+    if isinstance(module, nn.Linear):
+        return {"bias": module.bias is not None, "in": module.in_features, "out": module.out_features}
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return {"features": module.num_features}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(module).items()
+            if k in ("kernel_size", "stride", "padding", "output_size", "ceil_mode", "negative_slope")}
+
+
+def _build_layer(kind: str, config: Mapping[str, Any], in_w: int, out_w: int) -> nn.Module:
+    """A fresh module like the original one, at ``in_w`` input and ``out_w`` output channels."""
+    cls = getattr(nn, kind)
+    if kind.startswith("Conv"):
+        groups = config["groups"]
+        if groups > 1 and groups == config["in"] == config["out"]:  # depthwise: one filter per channel
+            groups, out_w = in_w, in_w
+        padding = config["padding"] if isinstance(config["padding"], str) else tuple(config["padding"])
+        return cls(in_w, out_w, tuple(config["kernel_size"]), stride=tuple(config["stride"]), padding=padding,
+                   dilation=tuple(config["dilation"]), groups=groups, bias=config["bias"])
+    if kind == "Linear":
+        return cls(in_w, out_w, bias=config["bias"])
+    if kind.startswith("BatchNorm"):
+        return cls(out_w)
+    kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config.items()}
+    return cls(**kwargs)
+
+
+def _interp(points: list[int], x: float) -> tuple[int, int, float]:
+    """Indices ``(i, j)`` of the grid points around ``x`` and the weight of ``j`` (constant below the grid)."""
+    if len(points) == 1:
+        return 0, 0, 0.0
+    if x <= points[0]:  # below the grid: no further saving is predicted (conservative)
+        return 0, 0, 0.0
+    j = min(max(bisect.bisect_left(points, x), 1), len(points) - 1)
+    i = j - 1
+    return i, j, (x - points[i]) / (points[j] - points[i]) if points[j] != points[i] else 0.0
+
+
+class LatencyModel:
+    """Per-layer latency lookup table of one model on one device, input shape and dtype (see the module doc).
+
+    ``entries[module name] = {"kind", "config", "in_group", "out_group", "in_points", "out_points", "ms"}`` where
+    ``ms[i][j]`` is the layer's time at ``in_points[i]`` input and ``out_points[j]`` output channels (absolute
+    widths, so the table keeps predicting after the model was pruned). Plain data: :meth:`to_dict` /
+    :meth:`from_dict` (checkpoints, DDP broadcast, the disk cache)."""
+
+    def __init__(self, entries: dict[str, dict[str, Any]], dense_ms: float, dense_widths: Mapping[str, int],
+                 key: str = "", build_s: float = 0.0, timings: int = 0):
+        self.entries, self.dense_ms, self.key = entries, float(dense_ms), key
+        self.dense_widths = dict(dense_widths)
+        self.build_s, self.timings = build_s, timings
+        self.by_group: dict[str, list[str]] = {}
+        for name, e in entries.items():
+            for g in {e["in_group"], e["out_group"]} - {None}:
+                self.by_group.setdefault(g, []).append(name)
+        self.dense_sum = self.layers_ms(self.dense_widths)
+
+    # -- prediction --------------------------------------------------------------------------------------------
+    def layer_ms(self, name: str, widths: Mapping[str, int]) -> float:
+        e = self.entries[name]
+        x = widths.get(e["in_group"], e["in_points"][-1]) if e["in_group"] else e["in_points"][-1]
+        y = widths.get(e["out_group"], e["out_points"][-1]) if e["out_group"] else e["out_points"][-1]
+        i0, i1, a = _interp(e["in_points"], x)
+        j0, j1, b = _interp(e["out_points"], y)
+        ms = e["ms"]
+        value = ((1 - a) * ((1 - b) * ms[i0][j0] + b * ms[i0][j1]) + a * ((1 - b) * ms[i1][j0] + b * ms[i1][j1]))
+        return max(value, 0.0)
+
+    def layers_ms(self, widths: Mapping[str, int]) -> float:
+        return sum(self.layer_ms(name, widths) for name in self.entries)
+
+    def predict(self, widths: Mapping[str, int]) -> float:
+        """Predicted whole-model milliseconds at ``widths`` (groups not given keep their dense width)."""
+        full = {**self.dense_widths, **widths}
+        return self.dense_ms * self.layers_ms(full) / self.dense_sum if self.dense_sum > 0 else self.dense_ms
+
+    def group_ms(self, group: str, widths: Mapping[str, int]) -> float:
+        """Summed table time of the layers whose width depends on ``group`` (for greedy deltas)."""
+        return sum(self.layer_ms(name, widths) for name in self.by_group.get(group, ()))
+
+    def scale(self) -> float:
+        """Whole-model milliseconds per table millisecond."""
+        return self.dense_ms / self.dense_sum if self.dense_sum > 0 else 1.0
+
+    # -- plain data --------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"version": TABLE_VERSION, "key": self.key, "dense_ms": self.dense_ms,
+                "dense_widths": dict(self.dense_widths), "entries": self.entries, "build_s": self.build_s,
+                "timings": self.timings}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "LatencyModel":
+        return cls(dict(data["entries"]), data["dense_ms"], data["dense_widths"], key=data.get("key", ""),
+                   build_s=data.get("build_s", 0.0), timings=data.get("timings", 0))
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    # -- building ----------------------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, graph: Any, inputs: Any, dtype: torch.dtype | None = None, *, grid: Iterable[float] = GRID,
+              cache_dir: str | os.PathLike | None = None, use_cache: bool = True, warmup: int = 2, rounds: int = 5,
+              min_sample_ms: float = 2.0, dense_rounds: int = 10) -> "LatencyModel":
+        """Capture every layer's input shape in one forward pass, time each distinct layer at the ``grid`` of
+        width fractions, measure the dense model; read from / write to the disk cache when ``use_cache``."""
+        model = graph.model
+        device = _first_device(inputs)
+        grid = tuple(sorted(set(float(f) for f in grid) | {1.0}))
+        layers = _capture_layers(graph, inputs)
+        widths = graph.widths()
+        key = _cache_key(model, device, inputs, dtype, grid, widths)
+        path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        file = path / f"{key}.json"
+        if use_cache and file.is_file():
+            try:
+                table = cls.from_dict(json.loads(file.read_text()))
+                table.cached = True
+                return table
+            except (ValueError, KeyError, OSError):
+                pass  # a corrupt or foreign file: rebuild
+        start = time.perf_counter()
+        timed: dict[tuple, float] = {}
+        entries = {}
+        with torch.inference_mode(), _autocast(device, dtype if device.type == "cuda" else None):
+            for name, layer in layers.items():
+                in_points = sorted({max(1, round(f * layer["in_size"])) for f in grid}) if layer["in_group"] \
+                    else [layer["in_size"]]
+                out_points = sorted({max(1, round(f * layer["out_size"])) for f in grid}) if layer["out_group"] \
+                    else [layer["out_size"]]
+                ms = [[_time_layer(layer, i, o, device, timed, warmup, rounds, min_sample_ms) for o in out_points]
+                      for i in in_points]
+                entries[name] = {"kind": layer["kind"], "config": layer["config"], "in_group": layer["in_group"],
+                                 "out_group": layer["out_group"], "in_points": in_points, "out_points": out_points,
+                                 "shape": layer["shape"], "ms": ms}
+        dense_ms = measure_latency(model, inputs, dtype, rounds=dense_rounds)
+        table = cls(entries, dense_ms, widths, key=key, build_s=time.perf_counter() - start, timings=len(timed))
+        table.cached = False
+        if use_cache:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                tmp = file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(table.to_dict()))
+                tmp.replace(file)
+            except OSError:
+                pass  # a read-only home: the table still works, it is just not cached
+        return table
+
+
+def _cache_key(model: nn.Module, device: torch.device, inputs: Any, dtype: torch.dtype | None,
+               grid: tuple[float, ...], widths: Mapping[str, int]) -> str:
+    structure = [(name, type(m).__name__, [tuple(p.shape) for p in m.parameters(recurse=False)])
+                 for name, m in model.named_modules()]
+    shapes = [tuple(t.shape) + (str(t.dtype),) for t in _tensors(inputs)]
+    payload = json.dumps([TABLE_VERSION, device_name(device), torch.__version__, structure, shapes, str(dtype),
+                          grid, sorted(widths.items())], default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _tensors(inputs: Any) -> list[torch.Tensor]:
+    if isinstance(inputs, torch.Tensor):
+        return [inputs]
+    values = inputs.values() if isinstance(inputs, dict) else inputs if isinstance(inputs, (list, tuple)) else []
+    return [v for v in values if isinstance(v, torch.Tensor)]
+
+
+def _capture_layers(graph: Any, inputs: Any) -> dict[str, dict[str, Any]]:
+    """Every timed layer's kind, configuration, input shape and the groups of its input/output channels.
+
+    Convs/linears/norms get their groups from the graph's members; an elementwise or pooling module takes the
+    group of the tensor it reads (followed by tensor identity through one forward pass)."""
+    model = graph.model
+    out_group: dict[str, str] = {}
+    in_group: dict[str, str] = {}
+    for group in graph.groups:
+        for member in group.members:
+            if member.kind == "out" or member.is_depthwise:
+                out_group[member.module_name] = group.name
+            if member.kind == "in" and not member.is_depthwise:
+                in_group[member.module_name] = group.name
+    tensor_group: dict[int, str] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    handles = []
+
+    def hook(name: str, module: nn.Module):
+        def run(mod, args, output):
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                return
+            if isinstance(mod, _ELEMENTWISE):
+                g = tensor_group.get(x.data_ptr())
+                if g is None:
+                    return
+                ig = og = g
+            else:
+                ig, og = in_group.get(name), out_group.get(name)
+                if ig is None and og is None:
+                    return
+            if isinstance(output, torch.Tensor) and og is not None:
+                tensor_group[output.data_ptr()] = og
+            channels_in = x.shape[1] if not isinstance(mod, nn.Linear) else x.shape[-1]
+            channels_out = output.shape[1] if not isinstance(mod, nn.Linear) else output.shape[-1]
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) or isinstance(mod, _ELEMENTWISE):
+                ig = og  # one width: the group of the channels they carry
+            key = name if name not in layers else f"{name}#{sum(k.split('#')[0] == name for k in layers)}"
+            layers[key] = {"kind": type(mod).__name__, "config": _layer_config(mod), "in_group": ig,
+                            "out_group": og, "in_size": int(channels_in), "out_size": int(channels_out),
+                            "shape": list(x.shape)}
+        return run
+
+    for name, module in model.named_modules():
+        if isinstance(module, _TIMED) and not list(module.children()):
+            handles.append(module.register_forward_hook(hook(name, module)))
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            call_model(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    # A one-width layer (norm, activation) is timed along its single width: keep it on the "out" axis only.
+    for layer in layers.values():
+        if layer["kind"].startswith("BatchNorm") or layer["kind"] in {c.__name__ for c in _ELEMENTWISE}:
+            layer["in_group"] = None
+    return layers
+
+
+def _time_layer(layer: Mapping[str, Any], in_w: int, out_w: int, device: torch.device, timed: dict, warmup: int,
+                rounds: int, min_sample_ms: float) -> float:
+    kind, config = layer["kind"], layer["config"]
+    one_width = layer["in_group"] is None and (kind.startswith("BatchNorm") or not (kind.startswith("Conv")
+                                                                                      or kind == "Linear"))
+    if one_width:
+        in_w = out_w
+    if kind.startswith("Conv") and config["groups"] > 1 and not config["groups"] == config["in"] == config["out"]:
+        g = config["groups"]  # grouped conv: widths stay multiples of its groups
+        in_w, out_w = max(g, g * round(in_w / g)), max(g, g * round(out_w / g))
+    shape = list(layer["shape"])
+    if kind == "Linear":
+        shape[-1] = in_w
+    else:
+        shape[1] = in_w
+    key = (kind, json.dumps(config, sort_keys=True), in_w, out_w, tuple(shape))
+    if key not in timed:
+        module = _build_layer(kind, config, in_w, out_w).to(device).eval()
+        x = torch.randn(shape, device=device)
+        timed[key] = time_calls(lambda: module(x), device, warmup=warmup, rounds=rounds, min_sample_ms=min_sample_ms)
+    return timed[key]
