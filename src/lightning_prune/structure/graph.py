@@ -558,9 +558,19 @@ class DependencyGraph:
         self.build_seconds = time.perf_counter() - start
 
     def _trace(self) -> None:
+        # A train-mode trace runs on the example batch as given (one image costs Torch-Pruning's memory); only
+        # when train-mode BatchNorm rejects a batch of one (a 1x1 feature map) is it repeated to two images.
+        try:
+            self._trace_on(self.example_inputs)
+        except UnsupportedModelError as error:
+            doubled = batch_of_at_least(self.example_inputs) if self.trace_mode == "train" else self.example_inputs
+            if doubled is self.example_inputs or "Expected more than 1 value per channel" not in str(error):
+                raise
+            self._trace_on(doubled)
+
+    def _trace_on(self, inputs: Any) -> None:
         graph = tp.DependencyGraph()
         trace_mode = self.trace_mode
-        inputs = batch_of_at_least(self.example_inputs) if trace_mode == "train" else self.example_inputs
 
         def forward(model: nn.Module, x: Any) -> Any:
             model.train(trace_mode == "train")  # Torch-Pruning calls model.eval() before this
