@@ -189,7 +189,10 @@ def prune_event(
     start = time.perf_counter()
     model, example_inputs = graph.model, graph.example_inputs
     widths_before, params_before = graph.widths(), count_params(model)
-    flops_before = FlopsModel(graph, example_inputs).total_measured
+    # The event's one fvcore count (reused by the allocation strategy's FlopsModel through the graph's count cache);
+    # flops_after is derived exactly from it when the model allows (FlopsModel.exact_after), else counted.
+    dense = FlopsModel(graph, example_inputs)
+    flops_before = dense.total_measured
     if original_flops is None:
         original_flops = flops_before
     removed: dict[str, int] = {}
@@ -207,7 +210,7 @@ def prune_event(
     strategy.run(ctx)  # target_met is judged below, on the pruned model
     if recalibrate_batches and removed:
         recalibrator(recalibrate_batches)()
-    flops_after = count_flops(model, example_inputs) if measure else int(FlopsModel(graph, example_inputs).predict({}))
+    flops_after = _flops_after(graph, dense, removed, measure)
     met = check_target(graph, target, target_kind, flops_after, original_flops, max_group_sparsity, round_to,
                        stop_reason=ctx.stop_reason, latency_ratio=latency.ratio if latency is not None else None)
     latency_fields = {} if latency is None or target_kind != "latency" else dict(
@@ -220,6 +223,20 @@ def prune_event(
         target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
         original_flops=original_flops, sensitivity_steps=ctx.records, **latency_fields,
     )
+
+
+def _flops_after(graph: DependencyGraph, dense: FlopsModel, removed: dict[str, int], measure: bool) -> int:
+    """fvcore FLOPs of the model after the event: the dense count when nothing was removed, else derived exactly
+    from it (:meth:`FlopsModel.exact_after`, proven against fvcore in tests/test_event_cost.py) or, where it
+    cannot be derived, counted again (``measure=False``: the FlopsModel prediction instead)."""
+    if not removed:
+        return dense.total_measured
+    exact = dense.exact_after()
+    if exact is not None:
+        return exact
+    if measure:
+        return count_flops(graph.model, graph.example_inputs)
+    return int(FlopsModel(graph, graph.example_inputs).predict({}))
 
 
 def _scorer(graph: DependencyGraph, criterion: Any, dataloader: Iterable | None, scoring_batches: int | None,

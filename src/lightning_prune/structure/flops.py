@@ -5,10 +5,11 @@ reported by lightning-prune are ratios of fvcore counts and therefore unaffected
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -70,6 +71,69 @@ def measure(model: nn.Module, example_inputs: Any) -> ModelCost:
     return ModelCost(flops=count_flops(model, example_inputs), params=count_params(model))
 
 
+def _shape_key(model: nn.Module, example_inputs: Any) -> tuple:
+    """What fvcore's count depends on that surgery can change: every parameter's and buffer's name and shape
+    (and which inputs are counted)."""
+    return (id(example_inputs),
+            tuple((name, tuple(t.shape)) for name, t in model.named_parameters()),
+            tuple((name, tuple(t.shape)) for name, t in model.named_buffers()))
+
+
+def _cached_per_module_count(graph: Any, example_inputs: Any) -> dict[str, int]:
+    """``count_flops(per_module=True)``, counted once per model state: a second :class:`FlopsModel` of the same
+    graph (the allocation strategy's, the event report's) reuses the count until surgery changes a shape."""
+    key = _shape_key(graph.model, example_inputs)
+    cached = getattr(graph, "_flops_count_cache", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    per_module = count_flops(graph.model, example_inputs, per_module=True)
+    try:
+        graph._flops_count_cache = (key, per_module)
+    except AttributeError:  # a graph-like object without attributes: no cache
+        pass
+    return per_module
+
+
+#: Leaf modules whose fvcore FLOPs are proportional to their weight's size when only channels change: a
+#: convolution or linear layer (output x input-per-group x kernel, times the unchanged spatial size), an affine
+#: normalization (one weight per channel, FLOPs per element).
+_WEIGHT_PROPORTIONAL = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm,
+                        nn.LayerNorm)
+#: Parameter-free leaf modules whose fvcore FLOPs are proportional to their input's channel count (per element).
+_INPUT_PROPORTIONAL = (nn.AdaptiveAvgPool2d, nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+                       nn.modules.batchnorm._NormBase, nn.InstanceNorm2d)
+
+
+@contextlib.contextmanager
+def observing_widths(graph: Any) -> Iterator[None]:
+    """Record, during one eval-mode forward of ``graph.model``, the channel count (``shape[1]``) of every
+    parameter-free FLOPs-bearing leaf module's input, for :meth:`FlopsModel.exact_after`. Stored on the graph
+    with the shape key of the model it was observed on."""
+    model = graph.model
+    widths: dict[str, int] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if module in names and isinstance(module, _INPUT_PROPORTIONAL) and args and \
+                isinstance(args[0], torch.Tensor) and args[0].dim() >= 2:
+            widths[names[module]] = int(args[0].shape[1])
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+    graph._observed_widths = (_shape_key(model, graph.example_inputs), widths)
+
+
+def _observed_widths(graph: Any, example_inputs: Any) -> dict[str, int] | None:
+    """The widths observed by the last eval forward, if it ran on the model as it is now."""
+    observed = getattr(graph, "_observed_widths", None)
+    if observed is None or observed[0] != _shape_key(graph.model, example_inputs):
+        return None
+    return observed[1]
+
+
 class FlopsModel:
     """Predicts fvcore FLOPs for any assignment of group widths, from one fvcore count per module.
 
@@ -81,7 +145,7 @@ class FlopsModel:
     """
 
     def __init__(self, graph: "Any", example_inputs: Any):
-        per_module = count_flops(graph.model, example_inputs, per_module=True)
+        per_module = _cached_per_module_count(graph, example_inputs)
         self.total_measured = int(per_module.get("", 0))
         names = dict(graph.model.named_modules())
         leaf_flops = {
@@ -101,6 +165,63 @@ class FlopsModel:
                 if member.kind == "in" and not member.is_depthwise:
                     in_group[member.module_name] = group.name
         self._terms = [(f, out_group.get(n), in_group.get(n)) for n, f in leaf_flops.items()]
+        self._graph, self._example_inputs = graph, example_inputs
+        self._scaling = self._scaling_rules(names, leaf_flops, _observed_widths(graph, example_inputs))
+
+    @staticmethod
+    def _scaling_rules(names: dict[str, nn.Module], leaf_flops: dict[str, int],
+                       widths: dict[str, int] | None) -> list[tuple[str, int, str, int]] | None:
+        """For every leaf that costs FLOPs, how to scale its count exactly after a channel removal:
+        ``(name, flops, "weight" | "input", size now)``; None when some leaf follows no such law."""
+        rules = []
+        for name, flops in leaf_flops.items():
+            if not flops:
+                continue
+            module = names[name]
+            weight = module._parameters.get("weight")
+            if isinstance(module, _WEIGHT_PROPORTIONAL) and isinstance(weight, torch.Tensor):
+                rules.append((name, flops, "weight", weight.numel()))
+            elif isinstance(module, _INPUT_PROPORTIONAL) and widths is not None and name in widths:
+                rules.append((name, flops, "input", widths[name]))
+            else:
+                return None
+        return rules
+
+    def exact_after(self) -> int | None:
+        """fvcore's count of the model as it is now (after surgery), without counting again, or None when it
+        cannot be derived exactly.
+
+        Channel removal changes no spatial size, so each leaf's count scales exactly with its weight's size
+        (convolutions, linear layers, affine norms) or its input's channel count (pooling, upsampling,
+        parameter-free norms, read from the eval-mode forward check after surgery). The derivation is refused
+        (None: count with fvcore) when the model has FLOPs outside leaf modules (functional ops in a ``forward``)
+        or in a leaf that follows neither law, or when no forward of the current model was observed."""
+        if self._scaling is None or self._base != 0:
+            return None
+        names = dict(self._graph.model.named_modules())
+        widths = None
+        total = 0
+        for name, flops, law, size in self._scaling:
+            module = names.get(name)
+            if module is None:
+                return None
+            if law == "weight":
+                weight = module._parameters.get("weight")
+                if not isinstance(weight, torch.Tensor):
+                    return None
+                now = weight.numel()
+            else:
+                if widths is None:
+                    widths = _observed_widths(self._graph, self._example_inputs)
+                    if widths is None:
+                        return None
+                if name not in widths:
+                    return None
+                now = widths[name]
+            if (flops * now) % size:  # not an integer: the law does not hold here
+                return None
+            total += flops * now // size
+        return total
 
     def predict(self, widths: dict[str, int]) -> float:
         """FLOPs if each group ``name`` had ``widths[name]`` channels (missing groups keep their width)."""

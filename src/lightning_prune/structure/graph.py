@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import contextlib
 import copy
@@ -35,6 +35,7 @@ from ..errors import (
     check_mapping,
     check_number,
 )
+from .flops import observing_widths
 from .plan import PruningPlan
 from .surgery import ModelSnapshot, ParameterLineage, Slicing
 from .tracing import (
@@ -110,6 +111,37 @@ def _is_channel_shuffle(node: Any) -> bool:
         _saved_input_rank(n) >= 5 for n in neighbours if n.type == tp.ops.OPTYPE.ELEMENTWISE
     )
     return views_5d
+
+
+@contextlib.contextmanager
+def _modules_called(called: set) -> Iterator[None]:
+    """Add every module whose forward runs inside the block to ``called``."""
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: called.add(module))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _index_mapping_updated_once() -> Iterator[None]:
+    """Torch-Pruning's ``get_pruning_group`` re-derives the index mapping of every concat/split/reshape node of
+    the graph on each call (O(roots x nodes): 15 s of DenseNet-121's 20 s event). While groups are only being
+    collected nothing changes the model, so the first derivation holds for every root: the later ones are
+    skipped. (Surgery still updates before each group: pruning one group changes the concat offsets.)"""
+    original = tp_index_mapping.update_index_mapping
+    updated: list[Any] = []
+
+    def once(graph: Any) -> None:
+        if graph not in updated:
+            original(graph)
+            updated.append(graph)
+
+    tp_index_mapping.update_index_mapping = once
+    try:
+        yield
+    finally:
+        tp_index_mapping.update_index_mapping = original
 
 
 @contextlib.contextmanager
@@ -439,6 +471,11 @@ class DependencyGraph:
         self._frozen_nodes: set = set()
         self._groups: list[ChannelGroup] | None = None
         self._reference_shapes: list[tuple[int, ...]] | None = None  # set by the first, bounded, build
+        # Modules run by the eval-mode reference forward and by the train-mode trace: when they differ the model
+        # has mode-dependent branches (GoogLeNet/Inception auxiliary heads) and the check after surgery runs a
+        # train-mode forward too.
+        self._eval_modules: set[nn.Module] = set()
+        self._train_modules: set[nn.Module] = set()
         self.build_seconds = 0.0
         self._build()
         self._check_plan()
@@ -493,7 +530,8 @@ class DependencyGraph:
         return self.forward_fn(model, inputs) if self.forward_fn is not None else call_model(model, inputs)
 
     def _output_shapes(self) -> list[tuple[int, ...]]:
-        with preserved_state(self.model), torch.no_grad():
+        with preserved_state(self.model), torch.no_grad(), _modules_called(self._eval_modules), \
+                observing_widths(self):
             self.model.eval()
             try:
                 return output_shapes(self._forward(self.model, self.example_inputs))
@@ -520,17 +558,29 @@ class DependencyGraph:
         self.build_seconds = time.perf_counter() - start
 
     def _trace(self) -> None:
+        # A train-mode trace runs on the example batch as given (one image costs Torch-Pruning's memory); only
+        # when train-mode BatchNorm rejects a batch of one (a 1x1 feature map) is it repeated to two images.
+        try:
+            self._trace_on(self.example_inputs)
+        except UnsupportedModelError as error:
+            doubled = batch_of_at_least(self.example_inputs) if self.trace_mode == "train" else self.example_inputs
+            if doubled is self.example_inputs or "Expected more than 1 value per channel" not in str(error):
+                raise
+            self._trace_on(doubled)
+
+    def _trace_on(self, inputs: Any) -> None:
         graph = tp.DependencyGraph()
         trace_mode = self.trace_mode
-        inputs = batch_of_at_least(self.example_inputs) if trace_mode == "train" else self.example_inputs
 
         def forward(model: nn.Module, x: Any) -> Any:
             model.train(trace_mode == "train")  # Torch-Pruning calls model.eval() before this
             return self._forward(model, x)
 
         self._frozen_nodes = set()
+        self._train_modules = set()
+        called = self._train_modules if trace_mode == "train" else set()
         with preserved_state(self.model), torch.enable_grad(), all_requiring_grad(self.model), \
-                _tolerant_index_mapping(self._frozen_nodes):
+                _tolerant_index_mapping(self._frozen_nodes), _modules_called(called):
             try:
                 graph.build_dependency(
                     self.model,
@@ -584,7 +634,7 @@ class DependencyGraph:
         assert graph is not None
         groups: list[ChannelGroup] = []
         root_types = [_CONV, nn.Linear]
-        with _tolerant_index_mapping(self._frozen_nodes):
+        with _tolerant_index_mapping(self._frozen_nodes), _index_mapping_updated_once():
             tp_groups = self._tp_groups(root_types)
         frozen_modules = {node.module for node in self._frozen_nodes}
         for tp_group in tp_groups:
@@ -762,14 +812,23 @@ class DependencyGraph:
         self._groups = None
         return SurgeryResult(checked, replacements, time.perf_counter() - start)
 
+    @property
+    def has_mode_dependent_branches(self) -> bool:
+        """Whether the train-mode trace ran other modules than the eval-mode reference forward (auxiliary heads)."""
+        return self.trace_mode == "train" and self._train_modules != self._eval_modules
+
     def _check_forward(self) -> None:
-        """Run the pruned model in eval and in train mode: both must work and keep the output shapes."""
+        """Run the pruned model in eval mode (it must work and keep the output shapes), and in train mode too when
+        the model has mode-dependent branches (:attr:`has_mode_dependent_branches`): every module the train-mode
+        forward runs is then proven to accept its pruned inputs. (Without such branches the train-mode forward
+        runs the same modules on the same channel widths, which the eval forward has just checked.)"""
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
-            shapes = output_shapes(self._forward(self.model, self.example_inputs))
+            with observing_widths(self):  # lets the event derive its FLOPs after surgery without counting again
+                shapes = output_shapes(self._forward(self.model, self.example_inputs))
             if shapes != self._reference_shapes:
                 raise RuntimeError(f"output shapes changed from {self._reference_shapes} to {shapes}")
-            if self.trace_mode == "train":
+            if self.has_mode_dependent_branches:
                 self.model.train()
                 self._forward(self.model, batch_of_at_least(self.example_inputs))
 

@@ -2,7 +2,9 @@
 
 `ModelSnapshot` lets a failed pruning step restore the model exactly (no half-pruned model, ever).
 `ParameterLineage` records how every parameter was sliced, so optimizer state can be sliced the same way.
-Both are cheap: they hold references, never copies of weights.
+Both are cheap: they hold references, never copies of weights, and the lineage keeps only index mappings for
+the intermediate tensors of a parameter sliced several times (a convolution loses output, then input channels),
+so an event's surgery holds about one pruned copy of the model, not one per slicing step.
 """
 from __future__ import annotations
 
@@ -62,11 +64,16 @@ class Slicing:
 
 
 class ParameterLineage:
-    """Records every parameter replacement Torch-Pruning makes while recording is on."""
+    """Records every parameter replacement Torch-Pruning makes while recording is on.
+
+    Only the index mapping of an intermediate tensor is kept: when a tensor the lineage produced is sliced again,
+    its entry is handed to its successor and the tensor itself is released (its memory is freed as soon as
+    Torch-Pruning drops it). Entries are keyed by ``id``; every tensor whose id is a key is held in ``_alive`` so
+    that no id can be reused by a new tensor while it is a key."""
 
     def __init__(self) -> None:
         self._origin: dict[int, tuple[nn.Parameter, list[tuple[int, torch.Tensor]]]] = {}
-        self._alive: list[torch.Tensor] = []  # keeps ids unique while we map them
+        self._alive: dict[int, torch.Tensor] = {}  # keeps ids unique while we map them
 
     @contextlib.contextmanager
     def recording(self) -> Iterator["ParameterLineage"]:
@@ -77,10 +84,7 @@ class ParameterLineage:
             new = original(pruner, weight, keep_idxs, pruning_dim)
             # Torch-Pruning builds a fresh nn.Parameter (requires_grad=True): a frozen parameter must stay frozen.
             new.requires_grad_(weight.requires_grad)
-            root, steps = lineage._origin.get(id(weight), (weight, []))
-            kept = torch.as_tensor(list(keep_idxs), dtype=torch.long)
-            lineage._origin[id(new)] = (root, steps + [(int(pruning_dim), kept)])
-            lineage._alive.extend([weight, new])
+            lineage._record(weight, new, keep_idxs, pruning_dim)
             return new
 
         tp_function.BasePruningFunc._prune_parameter_and_grad = recorded
@@ -88,6 +92,17 @@ class ParameterLineage:
             yield self
         finally:
             tp_function.BasePruningFunc._prune_parameter_and_grad = original
+
+    def _record(self, weight: torch.Tensor, new: torch.Tensor, keep_idxs, pruning_dim: int) -> None:
+        kept = torch.as_tensor(list(keep_idxs), dtype=torch.long)
+        entry = self._origin.pop(id(weight), None)
+        if entry is None:  # an original parameter (the snapshot holds it anyway): it is the root
+            root, steps = weight, []
+        else:  # an intermediate: pass its mapping on and let the tensor go
+            root, steps = entry
+            self._alive.pop(id(weight), None)
+        self._origin[id(new)] = (root, steps + [(int(pruning_dim), kept)])
+        self._alive[id(new)] = new
 
     def replacements(self, model: nn.Module) -> dict[nn.Parameter, Slicing]:
         """Map each replaced (old) parameter to its successor now in ``model`` and the slicing between them."""
