@@ -134,6 +134,20 @@ def _observed_widths(graph: Any, example_inputs: Any) -> dict[str, int] | None:
     return observed[1]
 
 
+def module_groups(graph: "Any") -> tuple[dict[str, str], dict[str, str]]:
+    """``(out_group, in_group)``: for each module of ``graph``, the group its output channels belong to (a
+    depthwise conv's too: one filter per channel) and the group its input channels read."""
+    out_group: dict[str, str] = {}
+    in_group: dict[str, str] = {}
+    for group in graph.groups:
+        for member in group.members:
+            if member.kind == "out" or member.is_depthwise:
+                out_group[member.module_name] = group.name
+            if member.kind == "in" and not member.is_depthwise:
+                in_group[member.module_name] = group.name
+    return out_group, in_group
+
+
 class FlopsModel:
     """Predicts fvcore FLOPs for any assignment of group widths, from one fvcore count per module.
 
@@ -156,14 +170,7 @@ class FlopsModel:
         self._base = self.total_measured - sum(leaf_flops.values())
         self._sizes = {g.name: g.size for g in graph.groups}
         # For each leaf module: (flops, out-group or None, in-group or None)
-        out_group: dict[str, str] = {}
-        in_group: dict[str, str] = {}
-        for group in graph.groups:
-            for member in group.members:
-                if member.kind == "out" or member.is_depthwise:
-                    out_group[member.module_name] = group.name
-                if member.kind == "in" and not member.is_depthwise:
-                    in_group[member.module_name] = group.name
+        out_group, in_group = module_groups(graph)
         self._terms = [(f, out_group.get(n), in_group.get(n)) for n, f in leaf_flops.items()]
         self._graph, self._example_inputs = graph, example_inputs
         self._scaling = self._scaling_rules(names, leaf_flops, _observed_widths(graph, example_inputs))

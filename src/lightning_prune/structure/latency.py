@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
+from .flops import module_groups
 from .tracing import call_model, preserved_state
 
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
@@ -308,14 +309,7 @@ def _capture_layers(graph: Any, inputs: Any) -> dict[str, dict[str, Any]]:
     Convs/linears/norms get their groups from the graph's members; an elementwise or pooling module takes the
     group of the tensor it reads (followed by tensor identity through one forward pass)."""
     model = graph.model
-    out_group: dict[str, str] = {}
-    in_group: dict[str, str] = {}
-    for group in graph.groups:
-        for member in group.members:
-            if member.kind == "out" or member.is_depthwise:
-                out_group[member.module_name] = group.name
-            if member.kind == "in" and not member.is_depthwise:
-                in_group[member.module_name] = group.name
+    out_group, in_group = module_groups(graph)
     tensor_group: dict[int, str] = {}
     layers: dict[str, dict[str, Any]] = {}
     handles = []
