@@ -80,19 +80,25 @@ def test_ddp_sensitivity_with_batchnorm_reestimation_agrees_across_ranks(tmp_pat
 
 
 def _without_images(reports: list[dict]) -> list[dict]:
-    return [{**r, "sensitivity_steps": [{k: v for k, v in step.items() if k != "images"}
+    per_rank = ("images", "forward_equivalents")  # each rank's own share of the work
+    return [{**r, "sensitivity_steps": [{k: v for k, v in step.items() if k not in per_rank}
                                         for step in r["sensitivity_steps"]]} for r in reports]
 
 
-def test_ddp_sensitivity_with_default_options_decides_identically_and_shares_the_trials(tmp_path):
+@pytest.fixture(scope="module")
+def default_sensitivity_ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp_sensitivity") / "run"
+    result = run(out, "--criterion", "l1", "--sensitivity-default", "--val-batches", "0")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return load_ranks(out)
+
+
+def test_ddp_sensitivity_with_default_options_decides_identically_and_shares_the_trials(default_sensitivity_ranks):
     """Default sensitivity options, a FLOPs target and no validation loop between epochs, so the ranks' BatchNorm
     buffers have diverged at the event (DDP keeps them per rank). Before, each rank measured its own network and
     the fit died with InconsistentRanksError; now every trial sees rank zero's buffers, the trials are split over
     the ranks and every rank decides on the same gathered numbers."""
-    out = tmp_path / "run"
-    result = run(out, "--criterion", "l1", "--sensitivity-default", "--val-batches", "0")
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    zero, one = load_ranks(out)
+    zero, one = default_sensitivity_ranks
     assert zero["plan"] == one["plan"] and zero["done"] == one["done"] == [1, 2]
     assert {k: v.shape for k, v in zero["state"].items()} == {k: v.shape for k, v in one["state"].items()}
     assert _without_images(zero["reports"]) == _without_images(one["reports"])  # identical trial accuracies
@@ -101,7 +107,28 @@ def test_ddp_sensitivity_with_default_options_decides_identically_and_shares_the
     for mine, theirs in steps:
         everything = (len(mine["trials"]) + 1) * zero["val_images"]  # the trials and the baseline, unsplit
         assert 0 < mine["images"] < everything and 0 < theirs["images"] < everything
-        assert mine["images"] + theirs["images"] <= everything
+        # each rank runs its share of the trials after its own unmasked pass (which their prefixes replay)
+        assert mine["images"] + theirs["images"] <= everything + zero["val_images"]
+        assert mine["forward_equivalents"] < mine["images"] and theirs["forward_equivalents"] < theirs["images"]
+
+
+def test_ddp_sensitivity_sharding_the_split_decides_like_sharding_the_trials(tmp_path, default_sensitivity_ranks):
+    """``shard="data"``: every rank runs every (prefix-replayed) trial on its half of the split and the correct
+    counts are summed, so the numbers, and the plan, are those of ``shard="groups"``."""
+    out = tmp_path / "run"
+    result = run(out, "--criterion", "l1", "--sensitivity-default", "--val-batches", "0",
+                 "--sensitivity-options", '{"shard": "data", "progress": false}')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    zero, one = load_ranks(out)
+    assert zero["plan"] == one["plan"] == default_sensitivity_ranks[0]["plan"]
+    assert _without_images(zero["reports"]) == _without_images(one["reports"])
+    accuracies = lambda ranks: [{n: t["accuracy"] for n, t in step["trials"].items() if t.get("exact", True)}
+                                for step in ranks["reports"][0]["sensitivity_steps"]]
+    split, dealt = accuracies(zero), accuracies(default_sensitivity_ranks[0])
+    assert [{n: a for n, a in s.items() if n in d} for s, d in zip(split, dealt)] == dealt  # same measured numbers
+    for mine, theirs in zip(zero["reports"][0]["sensitivity_steps"], one["reports"][0]["sensitivity_steps"]):
+        # a share of the split each: the unmasked pass and every trial on it
+        assert 0 < mine["images"] < theirs["images"] + mine["images"] == (len(mine["trials"]) + 1) * zero["val_images"]
 
 
 def test_ddp_blend_search_is_shared_and_agrees_across_ranks(tmp_path):

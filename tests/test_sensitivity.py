@@ -335,6 +335,8 @@ def test_fast_mode_is_opt_in():
     ({"max_rounds": -1}, r"max_rounds must be None or an integer >= 0"),
     ({"time_budget_s": 0}, r"time_budget_s must be None or a number of seconds > 0"),
     ({"baseline": "no"}, r"baseline must be True or False, got .no."),
+    ({"reuse_prefix": 1}, r"reuse_prefix must be True or False, got 1"),
+    ({"replay_mb": -1}, r"replay_mb must be a number of megabytes >= 0, got -1"),
     ({"fast": True}, r"sensitivity: unknown option\(s\) \['fast'\]; accepted keys: .*mode.*top_k.*refresh_every"),
 ])
 def test_sensitivity_option_errors_name_the_parameter_and_accepted_values(options, match):
@@ -419,11 +421,27 @@ def test_fast_mode_in_a_lightning_fit(tmp_path):
 
 
 def test_skipping_the_baseline_saves_one_evaluation_per_round_and_decides_the_same(trained_digits):
-    exact = _digits_prune(trained_digits)
-    skipped = _digits_prune(trained_digits, baseline=False)
+    # Separate full passes (with prefix replay the unmasked pass is what the trials replay: never skipped).
+    exact = _digits_prune(trained_digits, reuse_prefix=False)
+    skipped = _digits_prune(trained_digits, baseline=False, reuse_prefix=False)
     assert _decisions(skipped) == _decisions(exact)
     assert all(step["baseline"] is None for step in skipped.sensitivity_steps)
     assert all(step["baseline"] is not None for step in exact.sensitivity_steps)
     full = sum(len(y) for _, y in trained_digits[1])
     images = lambda report: sum(step["images"] for step in report.sensitivity_steps)
     assert images(skipped) == images(exact) - full * len(exact.sensitivity_steps)  # one full pass less per round
+
+
+def test_prefix_replay_decides_like_full_passes_at_a_fraction_of_the_work(trained_digits):
+    full = _digits_prune(trained_digits, reuse_prefix=False)
+    replayed = _digits_prune(trained_digits)
+    assert _decisions(replayed) == _decisions(full)
+    for a, b in zip(full.sensitivity_steps, replayed.sensitivity_steps):
+        assert {n: t["accuracy"] for n, t in a["trials"].items() if t.get("exact", True)} == \
+            {n: t["accuracy"] for n, t in b["trials"].items() if t.get("exact", True) and n in a["trials"]
+             and a["trials"][n].get("exact", True)}
+        assert b["baseline"] == a["baseline"]
+    equivalents = lambda report: sum(step["forward_equivalents"] for step in report.sensitivity_steps)
+    images = lambda report: sum(step["images"] for step in report.sensitivity_steps)
+    assert equivalents(full) == images(full)  # separate passes compute every layer
+    assert 0 < equivalents(replayed) < 0.9 * equivalents(full)

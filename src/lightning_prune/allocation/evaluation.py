@@ -18,11 +18,12 @@ trainer; a single process uses :data:`LOCAL`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..structure.replay import PrefixReplay
 from ..structure.tracing import call_model, move_to_device
 
 
@@ -97,6 +98,25 @@ def _first_tensor(outputs: Any) -> torch.Tensor:
     return _first_tensor(outputs[0])
 
 
+def _count_correct(outputs: torch.Tensor, labels: torch.Tensor) -> int:
+    return int((outputs.argmax(1).cpu() == labels).sum())
+
+
+def _cannot_rank(name: str, counts: Mapping[str, int], seen: int, total: int, keep: int) -> bool:
+    """True when trial ``name`` cannot end among the ``keep`` best: even with every unseen image correct it stays
+    below the ``keep``-th best count the other trials already have (their final counts can only grow)."""
+    others = sorted((c for n, c in counts.items() if n != name), reverse=True)
+    return len(others) >= keep and counts[name] + (total - seen) < others[keep - 1]
+
+
+def _progress(items: list, show: bool) -> Any:
+    if not show or len(items) < 2:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc="sensitivity trials", unit="batch", leave=False)
+
+
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "16": torch.float16, "16-true": torch.float16,
                    "bf16-mixed": torch.bfloat16, "bf16": torch.bfloat16, "bf16-true": torch.bfloat16}
 
@@ -127,7 +147,10 @@ class AccuracyEvaluator:
         self.shard_data = bool(shard_data) and collective.is_distributed
         self.eval_batch_size = eval_batch_size
         self.precision = None if precision is None else str(precision)
-        self.images = 0  #: image-forwards so far (this rank)
+        self.images = 0  #: image-forwards so far (this rank); a pass with a replayed prefix counts each image once
+        #: the same in full-forward equivalents: a replayed pass counts the share of the convolution/linear MACs it
+        #: computed (machine-independent; equals ``images`` without prefix replay)
+        self.forward_equivalents = 0.0
         self.evaluations = 0  #: passes started (full or exited early)
         self._batches: list[tuple[Any, torch.Tensor]] | None = None
         self._total: int | None = None
@@ -186,12 +209,66 @@ class AccuracyEvaluator:
                 if at_least is not None and correct + (total - seen) < at_least:
                     return correct, seen
                 outputs = _first_tensor(call_model(self.model, move_to_device(inputs, device)))
-                correct += int((outputs.argmax(1).cpu() == labels).sum())
+                correct += _count_correct(outputs, labels)
                 seen += int(labels.numel())
-                self.images += int(labels.numel())
+                self._count(labels.numel(), 1.0)
         if self.shard_data:
             correct, seen = self.collective.sum_ints([correct, seen])
         return correct, seen
+
+    def _count(self, images: int, fraction: float) -> None:
+        self.images += int(images)
+        self.forward_equivalents += int(images) * float(fraction)
+
+    def correct_trials(self, trials: Mapping[str, Callable[[], ContextManager]],
+                       changed: Mapping[str, Sequence[torch.Tensor]], *, keep: int | None = None,
+                       replay_mb: float = 1024.0, progress: bool = False) -> tuple[int, dict[str, tuple[int, int]]]:
+        """Correct counts of the unchanged model and of every trial, batch by batch, sharing their common prefix.
+
+        For each batch the unchanged model runs once, recorded by :class:`~lightning_prune.structure.replay.
+        PrefixReplay`; then each trial runs inside its context manager (``trials[name]()``, e.g. a mask), with
+        the leaf-module calls before the first one holding a tensor of ``changed[name]`` replayed from the
+        recording instead of computed. Bit-identical to separate full passes, so the counts are the same.
+
+        ``keep``: early exit. A trial stops once even all its remaining images being correct could not bring it
+        among the ``keep`` best (the ``keep``-th best lower bound of the others: their counts so far); its count
+        plus its unseen images is then an upper bound below every trial that can still be chosen. Ignored with
+        ``shard_data`` (every rank must run the same collectives).
+
+        Returns ``(baseline correct, {name: (correct, seen)})``, summed over the ranks with ``shard_data``.
+        """
+        batches, total = self.batches(), self.total
+        if self.shard_data:
+            keep = None
+        names = list(trials)
+        counts = dict.fromkeys(names, 0)
+        seen = dict.fromkeys(names, 0)
+        active = list(names)
+        baseline = 0
+        cuts: dict[str, int] = {}
+        self.evaluations += len(names) + 1
+        replay = PrefixReplay(self.model, replay_mb)
+        with self._evaluation_mode() as device, replay.attached():
+            for inputs, labels in _progress(batches, progress):
+                if keep is not None:
+                    active = [n for n in active if not _cannot_rank(n, counts, seen[n], total, keep)]
+                inputs = move_to_device(inputs, device)
+                n = int(labels.numel())
+                baseline += _count_correct(replay.record(lambda: _first_tensor(call_model(self.model, inputs))),
+                                           labels)
+                self._count(n, 1.0)
+                for name in active:
+                    cut = cuts.setdefault(name, replay.cut_for(changed[name]))
+                    with trials[name]():
+                        outputs = replay.replay(lambda: _first_tensor(call_model(self.model, inputs)), cut)
+                    counts[name] += _count_correct(outputs, labels)
+                    seen[name] += n
+                    self._count(n, replay.computed_fraction(cut))
+        if self.shard_data:
+            summed = self.collective.sum_ints([baseline] + [counts[n] for n in names] + [seen[n] for n in names])
+            baseline, counts = summed[0], dict(zip(names, summed[1:1 + len(names)]))
+            seen = dict(zip(names, summed[1 + len(names):]))
+        return baseline, {name: (counts[name], seen[name]) for name in names}
 
     def __call__(self) -> float:
         correct, _ = self.correct()

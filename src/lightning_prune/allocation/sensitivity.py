@@ -17,6 +17,7 @@ optional ``on_step`` hook to fine-tune) until the measured fvcore FLOPs reductio
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import warnings
@@ -47,6 +48,8 @@ class SensitivityStep:
     flops_after: int | None = None
     #: image-forwards this round cost on this rank (0 when ``evaluate`` does not count them)
     images: int = 0
+    #: the same in full-forward equivalents (``reuse_prefix`` computes only part of each trial's forward)
+    forward_equivalents: float = 0.0
 
 
 @dataclass
@@ -115,7 +118,15 @@ class SensitivityAllocator:
         refresh_every: ``mode="fast"``: a full round (every eligible group) every this many rounds (default 4).
         baseline: also evaluate the unmasked network each round (default True). It is for reporting only: the
             ranking compares the trials' correct counts, so ``False`` saves one evaluation per round and never
-            changes a decision (``SensitivityStep.baseline`` is then ``None``).
+            changes a decision (``SensitivityStep.baseline`` is then ``None``). With ``reuse_prefix`` the unmasked
+            pass is what the trials replay, so the baseline is always measured and reported (it costs nothing).
+        reuse_prefix: run the trials batch by batch after one unmasked pass, replaying every layer call before a
+            trial's first masked layer instead of computing it (:class:`~lightning_prune.structure.replay.
+            PrefixReplay`; default True). The outputs are bit-identical, so the decisions are those of full passes;
+            on ResNets a trial then computes about half of the FLOPs. Used with an :class:`AccuracyEvaluator` and
+            without ``recalibrate_batches`` (re-estimated statistics change the prefix too).
+        replay_mb: memory for the recorded layer outputs of one validation batch (default 1024 MB, on the model's
+            device); a prefix longer than that is replayed only up to the budget (still exact, less saved).
 
     Deterministic: groups are tried in module order and ties in accuracy are broken by group name. ``evaluate``
     must be deterministic too (fixed validation split, no augmentation); it is called in eval mode under
@@ -137,7 +148,8 @@ class SensitivityAllocator:
                  progress: bool = True, recalibrate_batches: int = 0, mode: str = "exact", early_exit: bool = True,
                  shard: str = "groups", eval_batch_size: int | None = None, max_rounds: int | None = None,
                  time_budget_s: float | None = None, rescore_every: int | None = None, top_k: int | None = None,
-                 refresh_every: int = 4, baseline: bool = True):
+                 refresh_every: int = 4, baseline: bool = True, reuse_prefix: bool = True,
+                 replay_mb: float = 1024.0):
         if isinstance(prune_multiple, bool) or not isinstance(prune_multiple, (int, float)) or prune_multiple <= 0:
             raise ValueError(f"prune_multiple must be a number > 0, got {prune_multiple!r}.")
         if (isinstance(min_width_fraction, bool) or not isinstance(min_width_fraction, (int, float))
@@ -159,6 +171,10 @@ class SensitivityAllocator:
         _check_int("refresh_every", refresh_every, 1)
         if not isinstance(baseline, bool):
             raise ValueError(f"baseline must be True or False, got {baseline!r}.")
+        if not isinstance(reuse_prefix, bool):
+            raise ValueError(f"reuse_prefix must be True or False, got {reuse_prefix!r}.")
+        if isinstance(replay_mb, bool) or not isinstance(replay_mb, (int, float)) or replay_mb < 0:
+            raise ValueError(f"replay_mb must be a number of megabytes >= 0, got {replay_mb!r}.")
         self.prune_multiple = float(prune_multiple)
         self.min_width_fraction = float(min_width_fraction)
         self.num_groups = num_groups
@@ -170,6 +186,7 @@ class SensitivityAllocator:
         self.top_k = max(top_k if top_k is not None else 4 * num_groups, num_groups)
         self.refresh_every = refresh_every
         self.baseline = bool(baseline)
+        self.reuse_prefix, self.replay_mb = reuse_prefix, float(replay_mb)
         self.last_step: SensitivityStep | None = None
         self._order: list[str] = []  # the previous round's ranking, best first
 
@@ -253,6 +270,7 @@ class SensitivityAllocator:
             trial_removals[name] = by_name[name].lowest(scores[name], k)
 
         images_before = getattr(evaluate, "images", 0)
+        equivalents_before = getattr(evaluate, "forward_equivalents", 0.0)
         runner = _TrialRunner(self, graph, evaluate, recalibrate, collective)
         measured = runner.run(trial_removals, self._trial_order(trial_removals))
         result = SensitivityStep(baseline=measured.pop(BASELINE)[0] if BASELINE in measured else None)
@@ -263,6 +281,7 @@ class SensitivityAllocator:
             if not exact:
                 result.trials[name]["exact"] = False
         result.images = int(getattr(evaluate, "images", 0) - images_before)
+        result.forward_equivalents = float(getattr(evaluate, "forward_equivalents", 0.0) - equivalents_before)
         ranking = sorted(result.trials, key=lambda n: (-runner.key[n], n))
         self._order = ranking
         removals = self._trimmed(ranking[: self.num_groups], trial_removals, scores, by_name, flops_model,
@@ -398,6 +417,13 @@ def sensitivity_allocator(options: Mapping[str, Any] | None = None) -> Sensitivi
     return SensitivityAllocator(**options)
 
 
+def _ranked(correct: int, seen: int, total: int) -> tuple[float, float, bool]:
+    """``(ranking key, accuracy, exact)`` of a counted pass; an exited pass (``seen < total``) is ranked and
+    reported by the upper bound that let it stop (every unseen image correct)."""
+    bound = correct + total - seen
+    return float(bound), (bound / total if total else 0.0), seen >= total
+
+
 class _TrialRunner:
     """Evaluates the baseline and the masked trials of one round, sharded over the collective's ranks, with
     early exit; every rank ends with the same ``{name: (accuracy, exact)}`` and integer ranking keys.
@@ -417,6 +443,8 @@ class _TrialRunner:
         self.key: dict[str, float] = {}
 
     def run(self, trial_removals: Mapping[str, list[int]], order: list[str]) -> dict[str, tuple[float, bool]]:
+        if self.counting and self.recalibrate is None and self.allocator.reuse_prefix:
+            return self._run_replayed(trial_removals, order)
         items = order + ([BASELINE] if self.allocator.baseline else [])
         mine = self.collective.shard(items) if self.split_groups else items
         model = self.graph.model
@@ -438,6 +466,33 @@ class _TrialRunner:
         self.key = {name: value[0] for name, value in merged.items()}
         return {name: (value[1], value[2]) for name, value in merged.items()}
 
+    def _run_replayed(self, trial_removals: Mapping[str, list[int]], order: list[str]) -> dict[str, tuple[float, bool]]:
+        """Every trial of this rank batch by batch after one unmasked pass, the common prefix replayed
+        (:meth:`AccuracyEvaluator.correct_trials`); the same counts as :meth:`run`'s separate passes."""
+        mine = self.collective.shard(order) if self.split_groups else list(order)
+        targets = {name: self.graph.mask_targets({name: trial_removals[name]}) for name in mine}
+        trials = {name: functools.partial(self.graph.masked, {name: trial_removals[name]}, targets[name])
+                  for name in mine}
+        changed = {name: [weight for weight, _ in targets[name]] for name in mine}
+        keep = self.allocator.num_groups if self.allocator.early_exit else None
+        model = self.graph.model
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            self.collective.sync_buffers(model)
+            baseline, counts = self.evaluate.correct_trials(
+                trials, changed, keep=keep, replay_mb=self.allocator.replay_mb,
+                progress=self.allocator.progress and self.collective.rank == 0)
+        total = self.evaluate.total
+        local = {name: _ranked(correct, seen, total) for name, (correct, seen) in counts.items()}
+        merged = local
+        if self.split_groups:
+            merged = {}
+            for part in self.collective.gather(local):
+                merged.update(part)
+        merged[BASELINE] = _ranked(baseline, total, total)
+        self.key = {name: value[0] for name, value in merged.items()}
+        return {name: (value[1], value[2]) for name, value in merged.items()}
+
     def _measure(self, name: str, done: Mapping[str, tuple[float, float, bool]]) -> tuple[float, float, bool]:
         """``(ranking key, accuracy, exact)``: the key is the integer correct count when counting."""
         if not self.counting:
@@ -445,11 +500,7 @@ class _TrialRunner:
             return accuracy, accuracy, True
         threshold = self._threshold(done) if name != BASELINE else None
         correct, seen = self.evaluate.correct(at_least=threshold)
-        total = self.evaluate.total
-        exact = seen >= total
-        correct += total - seen  # an exited pass: the upper bound that let it stop
-        accuracy = correct / total if total else 0.0
-        return float(correct), accuracy, exact
+        return _ranked(correct, seen, self.evaluate.total)
 
     def _threshold(self, done: Mapping[str, tuple[float, float, bool]]) -> int | None:
         """The ``num_groups``-th best exact correct count among this rank's finished trials (a trial that cannot

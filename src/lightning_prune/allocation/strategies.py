@@ -243,7 +243,10 @@ def estimate_cost(allocator: SensitivityAllocator, sizes: Mapping[str, int], flo
     per_trial = [k * flops_model.delta_per_channel(name) for name, k in sizes.items()]
     per_round = allocator.num_groups * (sum(per_trial) / len(per_trial)) if per_trial else 0.0
     rounds = math.ceil(flops_to_remove / per_round) if per_round > 0 and flops_to_remove > 0 else 0
-    evaluations = math.ceil((len(sizes) + int(allocator.baseline)) / max(world_size, 1))
+    if allocator.reuse_prefix:  # every rank makes its own unmasked pass; the replayed trials cost less than this
+        evaluations = math.ceil(len(sizes) / max(world_size, 1)) + 1
+    else:
+        evaluations = math.ceil((len(sizes) + int(allocator.baseline)) / max(world_size, 1))
     return CostEstimate(rounds=rounds, evaluations_per_round=evaluations, images_per_evaluation=images)
 
 
@@ -494,6 +497,7 @@ def _step_record(step: Any, applied: Removals) -> dict[str, Any]:
         "chosen": list(applied),
         "removed": {name: len(indices) for name, indices in applied.items()},
         "images": step.images,
+        "forward_equivalents": step.forward_equivalents,
     }
 
 

@@ -840,32 +840,41 @@ class DependencyGraph:
             self._tp = None
             self._groups = []
 
+    def mask_targets(self, removals: Mapping[str | ChannelGroup, Iterable[int]]) -> list[tuple[torch.Tensor, tuple]]:
+        """``(weight, index)`` pairs that :meth:`masked` zeroes: every consumer weight that reads the removed
+        channels. Knowing them in advance tells a caller where in the network the change starts to matter."""
+        by_name = {g.name: g for g in self.groups}
+        targets: list[tuple[torch.Tensor, tuple]] = []
+        for key, indices in removals.items():
+            group = by_name[key.name if isinstance(key, ChannelGroup) else key]
+            chosen = torch.zeros(group.size, dtype=torch.bool)
+            chosen[torch.as_tensor(list(indices), dtype=torch.long)] = True
+            for member in group.consumers:
+                index = member.weight_index()
+                if index is None:
+                    continue
+                selected = chosen[member.channels]
+                if not selected.any():
+                    continue
+                weight = member.module.weight
+                targets.append((weight, tuple(ix[selected].to(weight.device) for ix in index)))
+        return targets
+
     @contextlib.contextmanager
-    def masked(self, removals: Mapping[str | ChannelGroup, Iterable[int]]) -> Any:
+    def masked(self, removals: Mapping[str | ChannelGroup, Iterable[int]],
+               targets: list[tuple[torch.Tensor, tuple]] | None = None) -> Any:
         """Temporarily disconnect channels instead of removing them: zero every consumer weight that reads them.
 
         In eval mode this gives exactly the output of the physically pruned model (the equivalence the test
         suite proves on the architecture zoo), without surgery, so trial prunes (sensitivity analysis, the
-        blending search) are cheap. Weights are restored on exit."""
-        by_name = {g.name: g for g in self.groups}
+        blending search) are cheap. Weights are restored on exit. ``targets`` (from :meth:`mask_targets` for the
+        same removals) saves deriving them again when one mask is applied many times."""
         saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
         try:
             with torch.no_grad():
-                for key, indices in removals.items():
-                    group = by_name[key.name if isinstance(key, ChannelGroup) else key]
-                    chosen = torch.zeros(group.size, dtype=torch.bool)
-                    chosen[torch.as_tensor(list(indices), dtype=torch.long)] = True
-                    for member in group.consumers:
-                        index = member.weight_index()
-                        if index is None:
-                            continue
-                        selected = chosen[member.channels]
-                        if not selected.any():
-                            continue
-                        weight = member.module.weight
-                        sub = tuple(ix[selected].to(weight.device) for ix in index)
-                        saved.append((weight, sub, weight[sub].clone()))
-                        weight[sub] = 0.0
+                for weight, sub in (self.mask_targets(removals) if targets is None else targets):
+                    saved.append((weight, sub, weight[sub].clone()))
+                    weight[sub] = 0.0
             yield self
         finally:
             with torch.no_grad():

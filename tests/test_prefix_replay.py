@@ -1,0 +1,168 @@
+"""Prefix replay (structure/replay.py): a trial that changes weights deep in the network replays the unchanged
+layers' recorded outputs. The standard is bit-identity with a full forward pass, on the architecture zoo."""
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_prune.allocation import AccuracyEvaluator
+from lightning_prune.structure.replay import PrefixReplay, ReplayMismatch
+
+from .zoo import build, choose_channels, graph_for, spread
+
+ZOO_MODELS = ["cifar_resnet56", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "googlenet",
+              "shufflenet_v2_x0_5"]
+
+
+@pytest.mark.parametrize("name", ZOO_MODELS)
+def test_replayed_trials_equal_full_passes_bit_for_bit(name):
+    model, x = build(name)
+    graph = graph_for(model, x)
+    replay = PrefixReplay(model)
+    saved = []
+    with torch.no_grad(), replay.attached():
+        dense = replay.record(lambda: model(x))
+        for group in spread(graph.groups, 5):
+            removal = {group.name: choose_channels(group, 0.3, seed=1)}
+            targets = graph.mask_targets(removal)
+            cut = replay.cut_for([weight for weight, _ in targets])
+            with graph.masked(removal, targets):
+                replayed = replay.replay(lambda: model(x), cut)
+                replay._mode = None  # a plain pass through the wrapped modules computes everything
+                full = model(x)
+            assert torch.equal(replayed, full), (name, group.name, cut)
+            saved.append(replay.computed_fraction(cut))
+        again = replay.replay(lambda: model(x), 10**9)  # nothing masked: the whole recording replays
+    assert torch.equal(again, dense)
+    assert all(0.0 < f <= 1.0 for f in saved) and min(saved) < 0.9  # later groups skip real work
+    assert "forward" not in model.__dict__ and all("forward" not in m.__dict__ for m in model.modules())
+
+
+class InPlaceTail(nn.Module):
+    """An in-place layer whose result is not assigned (it writes into its input), then an in-place add on a
+    layer output: replay must reproduce both side effects."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn(self.conv1(x))
+        self.relu(x)
+        y = self.conv2(x)
+        y += x
+        return self.conv3(y).mean((2, 3))
+
+
+def test_replay_reproduces_in_place_side_effects():
+    torch.manual_seed(0)
+    model = InPlaceTail().eval()
+    x = torch.randn(4, 3, 8, 8)
+    replay = PrefixReplay(model)
+    with torch.no_grad(), replay.attached():
+        dense = replay.record(lambda: model(x))
+        model.conv3.weight[:, :2] = 0.0  # a change at the last layer: everything before it replays
+        cut = replay.cut_for([model.conv3.weight])
+        assert cut == 4
+        replayed = replay.replay(lambda: model(x), cut)
+    assert torch.equal(replayed, model(x)) and not torch.equal(replayed, dense)
+
+
+def test_memory_budget_clips_the_replayed_prefix_and_stays_exact():
+    model, x = build("resnet18")
+    graph = graph_for(model, x)
+    group = graph.groups[-1]
+    removal = {group.name: choose_channels(group, 0.5, seed=0)}
+    targets = graph.mask_targets(removal)
+    fractions = {}
+    for budget in (0, 1024):
+        replay = PrefixReplay(model, budget_mb=budget)
+        with torch.no_grad(), replay.attached():
+            replay.record(lambda: model(x))
+            cut = replay.cut_for([w for w, _ in targets])
+            with graph.masked(removal, targets):
+                out = replay.replay(lambda: model(x), cut)
+                replay._mode = None
+                assert torch.equal(out, model(x))
+        fractions[budget] = replay.computed_fraction(cut)
+    assert fractions[0] == 1.0 and fractions[1024] < 0.5
+
+
+class Switch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+        self.use_b = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.b(x) if self.use_b else self.a(x))
+
+
+def test_a_different_call_sequence_is_an_error_not_a_wrong_value():
+    model = Switch().eval()
+    x = torch.randn(3, 4)
+    replay = PrefixReplay(model)
+    with torch.no_grad(), replay.attached():
+        replay.record(lambda: model(x))
+        model.use_b = True
+        with pytest.raises(ReplayMismatch, match="reuse_prefix"):
+            replay.replay(lambda: model(x), cut=2)
+    assert "forward" not in model.a.__dict__  # unwrapped on the way out
+
+
+def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits_model):
+    model, val = trained_digits_model
+    graph = graph_for(model, val[0][0][:2])
+    from lightning_prune.criteria import get
+
+    l1 = get("l1")
+    removals = {g.name: g.lowest(l1.score(g), g.size // 2) for g in graph.groups}
+    full = AccuracyEvaluator(model, val)
+    expected = {}
+    for name, indices in removals.items():
+        with graph.masked({name: indices}):
+            expected[name] = full.correct()[0]
+    evaluator = AccuracyEvaluator(model, val)
+    targets = {name: graph.mask_targets({name: ix}) for name, ix in removals.items()}
+    trials = {name: functools.partial(graph.masked, {name: ix}, targets[name]) for name, ix in removals.items()}
+    changed = {name: [w for w, _ in t] for name, t in targets.items()}
+    baseline, counts = evaluator.correct_trials(trials, changed)
+    assert baseline == full.correct()[0]
+    assert {name: c for name, (c, _) in counts.items()} == expected
+    assert evaluator.images == (len(removals) + 1) * full.total
+    assert evaluator.forward_equivalents < evaluator.images
+    # early exit: the best trial is exact, the others are either exact or bounded above by their true count
+    _, bounded = AccuracyEvaluator(model, val).correct_trials(trials, changed, keep=1)
+    best = max(expected.values())
+    for name, (correct, seen) in bounded.items():
+        upper = correct + full.total - seen
+        assert upper >= expected[name] and (seen == full.total or upper < best)
+
+
+@pytest.fixture(scope="module")
+def trained_digits_model():
+    from lightning_prune.datamodules import DigitsDataModule
+    from lightning_prune.models import create_model
+
+    torch.manual_seed(0)
+    data = DigitsDataModule(image_size=8, batch_size=32, seed=0)
+    data.setup("fit")
+    model = create_model("digits_cnn", num_classes=10, in_channels=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for x, y in data.train_dataloader():
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    model.eval()
+    xs, ys = zip(*data.val_dataloader())
+    x, y = torch.cat(xs), torch.cat(ys)
+    return copy.deepcopy(model), [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]
