@@ -17,6 +17,10 @@ Parts (``--part``; each writes ``docs/benchmarks/sensitivity_scale_<part>.json``
 - ``ddp``: ResNet-20 as in ``scale``, 1 rank vs 2 gloo ranks on the CPU (``shard="groups"`` and ``"data"``).
 - ``agreement``: fast vs exact on digits ResNet-20 (and ResNet-56): per-group widths and test accuracy after a
   short fine-tune.
+- ``replay``: exact mode with separate full passes (``reuse_prefix=False``) vs the prefix replay (default):
+  same decisions (checked), image-forwards and full-forward equivalents (MAC-weighted), wall; for ResNet-50 at
+  224 two real rounds give the measured share of a trial's MACs that replay computes, which the 8-rank projection
+  uses.
 
     PYTHONPATH=src python benchmarks/sensitivity_scale.py --part scale
 """
@@ -264,6 +268,44 @@ def measured_first_rounds() -> dict:
             "removed": [s["removed"] for s in steps], "wall_s": time.perf_counter() - start}
 
 
+# -- part: replay ------------------------------------------------------------------------------------------------
+def part_replay(args) -> dict:
+    results = {}
+    for name in args.models:
+        model, side = build(name)
+        if name == "resnet50@224":
+            results[name] = replay_first_rounds(model, side)
+        else:
+            split = random_split(side)
+            full, full_eval, full_wall = prune_sensitivity(copy.deepcopy(model), split, side, reuse_prefix=False)
+            fast, evaluator, wall = prune_sensitivity(copy.deepcopy(model), split, side)
+            results[name] = {
+                "rounds": len(fast.sensitivity_steps), "same_decisions": decisions(full) == decisions(fast),
+                "same_plan": full.plan == fast.plan, "full_images": full_eval.images,
+                "full_forward_equivalents": full_eval.forward_equivalents, "full_wall_s": full_wall,
+                "replay_images": evaluator.images, "replay_forward_equivalents": evaluator.forward_equivalents,
+                "replay_wall_s": wall, "split": evaluator.total}
+        print(name, json.dumps(results[name]), flush=True)
+        dump("replay", results)
+    return results
+
+
+def replay_first_rounds(model, side, rounds: int = 2) -> dict:
+    """Two real rounds with prefix replay: per trial the share of a forward's MACs it computed."""
+    split = random_split(side, batches=2, size=4, classes=1000)
+    evaluator = AccuracyEvaluator(model, split)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = _prune(model, side, evaluator, {"max_rounds": rounds})
+    steps = report.sensitivity_steps
+    trials = [len(s["trials"]) for s in steps]
+    per_round = [s["forward_equivalents"] / evaluator.total for s in steps]  # forwards of the whole split
+    return {"rounds": len(steps), "trials_per_round": trials, "forward_equivalents_per_round": per_round,
+            "images": evaluator.images, "forward_equivalents": evaluator.forward_equivalents,
+            "mean_trial_share": [(f - 1) / t for f, t in zip(per_round, trials)], "wall_s": time.perf_counter() - start}
+
+
 # -- part: ddp ---------------------------------------------------------------------------------------------------
 def _ddp_worker(rank: int, world: int, shard: str, port: int, out: str) -> None:
     import torch.distributed as dist
@@ -392,7 +434,8 @@ def dump(part: str, results: dict) -> None:
 
 PARTS = {"scale": (part_scale, ["resnet20", "resnet56"]),
          "cost": (part_cost, ["resnet20", "resnet56", "resnet110", "resnet18@64", "resnet50@224"]),
-         "ddp": (part_ddp, ["resnet20"]), "agreement": (part_agreement, ["resnet20", "resnet56"])}
+         "ddp": (part_ddp, ["resnet20"]), "agreement": (part_agreement, ["resnet20", "resnet56"]),
+         "replay": (part_replay, ["resnet50@224", "resnet20", "resnet56"])}
 
 
 def main() -> None:

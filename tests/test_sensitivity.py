@@ -374,11 +374,12 @@ def test_fast_mode_evaluates_fewer_trials_and_refreshes(trained_digits):
     fast = _digits_prune(trained_digits, mode="fast", top_k=1, refresh_every=3)
     groups = len(exact.widths_before)
     trials = [len(step["trials"]) for step in fast.sensitivity_steps]
-    # rounds 0, 3, 6... are full refreshes (every eligible group), the rounds between re-evaluate top_k = 1 group
-    assert trials[0] == groups and all(t == 1 for i, t in enumerate(trials) if i % 3)
+    # rounds 0, 3, 6... are full refreshes (every eligible group); the rounds between are lazy: one group at a time
+    # in the order of the last measurements, until the best fresh one beats every estimate left
+    assert all(trials[i] == groups for i in range(0, len(trials), 3))
+    lazy = [t for i, t in enumerate(trials) if i % 3]
+    assert lazy and all(1 <= t <= groups for t in lazy) and sum(lazy) < groups * len(lazy)
     images = lambda report: sum(step["images"] for step in report.sensitivity_steps)  # counted image-forwards
-    per_round = lambda report: images(report) / len(report.sensitivity_steps)
-    assert 0 < per_round(fast) < 0.75 * per_round(exact)
     assert 0 < images(fast) < images(exact)
     assert fast.flops_reduction >= 0.5
 

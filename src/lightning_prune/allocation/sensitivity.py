@@ -95,9 +95,13 @@ class SensitivityAllocator:
             a BatchNorm network can fall to chance accuracy and the ranking becomes noise. [design]
         mode: ``"exact"`` (default): the paper's procedure; every round evaluates every eligible group and the
             decisions are those of the straightforward loop. ``"fast"``: an opt-in approximation: between full
-            refreshes (every ``refresh_every`` rounds) only the ``top_k`` groups of the last refresh are
-            re-evaluated, scores of data-driven criteria are reused for ``rescore_every`` rounds and FLOPs are
-            predicted instead of re-counted. [design]
+            refreshes (every ``refresh_every`` rounds) the trials are evaluated *lazily*: each group's last measured
+            accuracy serves as an optimistic estimate (pruning the network further rarely makes a trial more
+            accurate), groups are re-measured ``top_k`` at a time in the order of those estimates, and the round
+            stops once the ``num_groups`` best fresh measurements are at least the best estimate not re-measured
+            (lazy greedy, Minoux 1978: the exact choice whenever the estimates are upper bounds). Scores of
+            data-driven criteria are reused for ``rescore_every`` rounds and FLOPs are predicted instead of
+            re-counted. [design]
         early_exit: stop a trial's validation pass once even all remaining images being correct could not bring
             it among the ``num_groups`` best trials measured so far (default True; never changes a decision: the
             bound is exact). The trial's recorded ``accuracy`` is then that upper bound (``"exact": False``).
@@ -114,7 +118,8 @@ class SensitivityAllocator:
         rescore_every: re-score data-driven criteria every this many rounds (default 1 in exact mode: every
             round, as the paper; ``refresh_every`` in fast mode; weight criteria are re-scored only for groups whose tensors changed, always exact). Between
             re-scorings the stale scores are sliced to the surviving channels.
-        top_k: ``mode="fast"``: groups re-evaluated between refreshes (default ``4 · num_groups``).
+        top_k: ``mode="fast"``: groups re-measured together in a lazy round (default ``4 · num_groups``); a round
+            measures at least this many, more while a not re-measured group's estimate could still beat them.
         refresh_every: ``mode="fast"``: a full round (every eligible group) every this many rounds (default 4).
         baseline: also evaluate the unmasked network each round (default True). It is for reporting only: the
             ranking compares the trials' correct counts, so ``False`` saves one evaluation per round and never
@@ -189,6 +194,7 @@ class SensitivityAllocator:
         self.reuse_prefix, self.replay_mb = reuse_prefix, float(replay_mb)
         self.last_step: SensitivityStep | None = None
         self._order: list[str] = []  # the previous round's ranking, best first
+        self._estimates: dict[str, float] = {}  # every group's last measured ranking key (fast mode's lazy rounds)
 
     # -- step b/c --------------------------------------------------------------------------------------------------
     def min_width(self, group: Any) -> int:
@@ -233,6 +239,7 @@ class SensitivityAllocator:
         recalibrate: Callable[[], Any] | None = None,
         collective: Collective = LOCAL,
         candidates: Iterable[str] | None = None,
+        lazy: bool = False,
     ) -> dict[str, list[int]]:
         """One analysis round: returns ``{group: indices to remove}`` for the ``num_groups`` least sensitive
         groups (empty when no group is eligible any more). Nothing is pruned; the model is left unchanged.
@@ -250,7 +257,9 @@ class SensitivityAllocator:
                 ``lambda: recalibrate_batchnorm(model, train_batches, num_batches=4)``; the BatchNorm statistics
                 are restored afterwards.
             collective: the DDP ranks (see ``shard``); default a single process.
-            candidates: evaluate only these eligible groups (``mode="fast"`` between refreshes); default all.
+            candidates: evaluate only these eligible groups; default all.
+            lazy: evaluate lazily against the groups' last measurements (``mode="fast"`` between refreshes; see
+                ``mode``). Groups never measured before are measured first.
         """
         if flops_model is None:
             flops_model = FlopsModel(graph, graph.example_inputs)
@@ -272,9 +281,15 @@ class SensitivityAllocator:
         images_before = getattr(evaluate, "images", 0)
         equivalents_before = getattr(evaluate, "forward_equivalents", 0.0)
         runner = _TrialRunner(self, graph, evaluate, recalibrate, collective)
-        measured = runner.run(trial_removals, self._trial_order(trial_removals))
+        if lazy:
+            measured = self._run_lazily(runner, trial_removals)
+        else:
+            measured = runner.run(trial_removals, self._trial_order(trial_removals))
+        self._estimates.update({name: key for name, key in runner.key.items() if name != BASELINE})
         result = SensitivityStep(baseline=measured.pop(BASELINE)[0] if BASELINE in measured else None)
         for name in trial_removals:  # module order, as before
+            if name not in measured:
+                continue  # a lazy round did not need it
             accuracy, exact = measured[name]
             result.trials[name] = {"k": sizes[name], "delta_flops": float(flops_model.delta_per_channel(name)),
                                    "accuracy": accuracy}
@@ -290,6 +305,26 @@ class SensitivityAllocator:
         result.removed = {name: len(ix) for name, ix in removals.items()}
         self.last_step = result
         return removals
+
+    def _run_lazily(self, runner: "_TrialRunner", trial_removals: Mapping[str, list[int]]) -> dict[str, tuple[float, bool]]:
+        """A lazy round: ``top_k`` groups at a time in the order of their last measurement (never measured: first),
+        until the ``num_groups`` best fresh keys are at least the best estimate left. ``runner.key`` ends with
+        every measured key."""
+        estimate = lambda name: self._estimates.get(name, math.inf)
+        pending = sorted(trial_removals, key=lambda n: (-estimate(n), n))
+        measured: dict[str, tuple[float, bool]] = {}
+        keys: dict[str, float] = {}
+        while pending:
+            chunk, pending = pending[: self.top_k], pending[self.top_k:]
+            result = runner.run({n: trial_removals[n] for n in chunk}, chunk)
+            for name in result:  # every chunk measures the baseline again: the first one is kept
+                if name != BASELINE or name not in measured:
+                    measured[name], keys[name] = result[name], runner.key[name]
+            fresh = sorted((k for n, k in keys.items() if n != BASELINE), reverse=True)
+            if len(fresh) >= self.num_groups and (not pending or fresh[self.num_groups - 1] >= estimate(pending[0])):
+                break
+        runner.key = keys
+        return measured
 
     def _trial_order(self, trial_removals: Mapping[str, Any]) -> list[str]:
         """The previous ranking first (so that the early-exit threshold is high from the start), then module

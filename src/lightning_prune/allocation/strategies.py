@@ -355,7 +355,7 @@ class PredictedFlops(FlopsModel):
 
 
 class _Rounds:
-    """The state of one event's sensitivity rounds (bar, clock, caches, the fast mode's candidates)."""
+    """The state of one event's sensitivity rounds (bar, clock, caches, the fast mode's lazy rounds)."""
 
     def __init__(self, ctx: AllocationContext, allocator: SensitivityAllocator, recalibrate: Callable | None):
         self.ctx, self.allocator, self.recalibrate = ctx, allocator, recalibrate
@@ -377,8 +377,7 @@ class _Rounds:
                 return False
             scores = self.cache.get()
             step = allocator.step(ctx.graph, scores, ctx.evaluate, flops_model, flops_budget=budget,
-                                  recalibrate=self.recalibrate, collective=ctx.collective,
-                                  candidates=self._candidates())
+                                  recalibrate=self.recalibrate, collective=ctx.collective, lazy=self._lazy_round())
             if not step:
                 return False
             if ctx.target_kind == "channels":  # do not overshoot a channel target
@@ -441,17 +440,10 @@ class _Rounds:
                 return True
         return False
 
-    def _candidates(self) -> list[str] | None:
-        """Fast mode: between full refreshes, only the ``top_k`` of the last full ranking are re-evaluated."""
+    def _lazy_round(self) -> bool:
+        """Fast mode: every ``refresh_every``-th round measures every group, the rounds between are lazy."""
         allocator = self.allocator
-        if allocator.mode != "fast" or self.rounds % allocator.refresh_every == 0 or not allocator._order:
-            if allocator.mode == "fast":
-                self._full_order = None
-            return None
-        if getattr(self, "_full_order", None) is None:
-            self._full_order = list(allocator._order)
-        alive = {g.name for g in self.ctx.graph.groups}
-        return [n for n in self._full_order if n in alive][: allocator.top_k]
+        return allocator.mode == "fast" and self.rounds % allocator.refresh_every != 0
 
     def _open_bar(self, flops_model: FlopsModel, budget: float) -> None:
         ctx, allocator = self.ctx, self.allocator
