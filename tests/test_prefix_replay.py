@@ -166,3 +166,37 @@ def trained_digits_model():
     xs, ys = zip(*data.val_dataloader())
     x, y = torch.cat(xs), torch.cat(ys)
     return copy.deepcopy(model), [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]
+
+
+class SometimesInPlace(nn.Module):
+    """Modifies a layer's output in place only when ``bump`` is set: a pass that mutates an output the earlier
+    passes left alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 3)
+        self.bump = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(x)
+        if self.bump:
+            out.add_(1.0)
+        return self.conv2(out).mean((2, 3))
+
+
+def test_an_output_mutated_only_in_a_later_pass_is_copied_from_then_on():
+    torch.manual_seed(0)
+    model = SometimesInPlace().eval()
+    x = torch.randn(2, 3, 8, 8)
+    replay = PrefixReplay(model)
+    with torch.no_grad(), replay.attached():
+        replay.record(lambda: model(x))  # conv1's output untouched: kept by reference
+        model.bump = True
+        for _ in range(2):  # the first of these finds conv1's output modified: the prefix ends before it
+            replay.record(lambda: model(x))
+            with torch.no_grad():
+                model.conv2.weight[0] = 0.0
+            replayed = replay.replay(lambda: model(x), cut=1)
+            replay._mode = None
+            assert torch.equal(replayed, model(x))
+        assert replay.computed_fraction(1) < 1.0  # the third pass replays conv1 again, as a copy

@@ -179,7 +179,7 @@ class AccuracyEvaluator:
 
     # -- one pass ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _evaluation_mode(self) -> Iterator[torch.device]:
+    def _evaluation_mode(self, inference: bool = True) -> Iterator[torch.device]:
         modes = [(m, m.training) for m in self.model.modules()]
         device = next(self.model.parameters()).device
         dtype = AUTOCAST_DTYPES.get(self.precision or "")
@@ -187,7 +187,8 @@ class AccuracyEvaluator:
                     else contextlib.nullcontext())
         self.model.eval()
         try:
-            with torch.inference_mode(), autocast:
+            # PrefixReplay needs version counters, which inference tensors do not have: no_grad for it.
+            with (torch.inference_mode() if inference else torch.no_grad()), autocast:
                 yield device
         finally:
             for module, training in modes:
@@ -248,7 +249,7 @@ class AccuracyEvaluator:
         cuts: dict[str, int] = {}
         self.evaluations += len(names) + 1
         replay = PrefixReplay(self.model, replay_mb)
-        with self._evaluation_mode() as device, replay.attached():
+        with self._evaluation_mode(inference=False) as device, replay.attached():
             for inputs, labels in _progress(batches, progress):
                 if keep is not None:
                     active = [n for n in active if not _cannot_rank(n, counts, seen[n], total, keep)]

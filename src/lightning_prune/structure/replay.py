@@ -7,6 +7,8 @@ ResNet that is about half of the FLOPs of every trial. :class:`PrefixReplay` rec
 returning the recorded values instead of computing them: the outputs are the same tensors bit for bit, so every
 decision is the one the full passes would give, at a fraction of the work.
 
+Outputs are kept by reference unless the pass itself modifies them in place later (tensor version counters tell;
+the passes must run under ``torch.no_grad``, not ``inference_mode``, whose tensors have no version counter).
 Only leaf modules (no children) are replayed; functional code between them (``x + identity``, ``torch.cat``,
 ``flatten``) always runs, so the model needs no rewriting and no tracing. Two passes must call the same leaf
 modules in the same order up to the cut (a static network; a mismatch is an error, never a silent wrong value).
@@ -85,6 +87,11 @@ class PrefixReplay:
         self._macs: list[int] = []
         self._stored_bytes = 0
         self._storing = True
+        # Calls whose output the pass itself later modifies in place (``out += identity``, an in-place ReLU):
+        # only those are recorded and replayed as copies; the others are handed out as the recorded tensors.
+        # Unknown (None) until a first pass has been watched.
+        self._mutated: set[int] | None = None
+        self._live: list[tuple[Any, int | None]] = []
 
     # -- wrapping ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -125,14 +132,30 @@ class PrefixReplay:
         if not self._storing:
             return
         size = _nbytes(output)
-        kept = _clone(output) if self._stored_bytes + size <= self.budget_bytes else None
+        version = output._version if isinstance(output, torch.Tensor) else None
+        copied = version is None or self._mutated is None or len(self._outputs) in self._mutated
+        kept = (_clone(output) if copied else output) if self._stored_bytes + size <= self.budget_bytes else None
         if kept is None:
             self._storing = False  # the replayable prefix must be contiguous
             return
         self._stored_bytes += size
         self._outputs.append(kept)
+        self._live.append((output, version))
         # An in-place layer (ReLU(inplace=True)) returns its input: replaying it must write into that input too.
         self._aliased.append(bool(args) and output is args[0])
+
+    def _settle(self) -> None:
+        """After a recorded pass: learn which outputs the pass modified in place after their call. Those stay
+        copies; the others are kept as the pass left them (unchanged) and handed out without copying. A call
+        that was kept by reference and yet modified ends the replayable prefix (the next pass copies it)."""
+        mutated = {i for i, (out, version) in enumerate(self._live) if version is None or out._version != version}
+        if self._mutated is None:
+            self._mutated = mutated
+            self._outputs = [kept if i in mutated else self._live[i][0] for i, kept in enumerate(self._outputs)]
+        elif not mutated <= self._mutated:
+            del self._outputs[min(mutated - self._mutated):]
+            self._mutated |= mutated
+        self._live = []
 
     def _replay(self, index: int, module: nn.Module, args: tuple) -> Any:
         if self._calls[index] is not module:
@@ -140,7 +163,9 @@ class PrefixReplay:
                 f"prefix replay: call {index} went to {type(module).__name__}, the recorded pass called "
                 f"{type(self._calls[index]).__name__} there; the network's control flow depends on its weights or "
                 "on state. Disable it with sensitivity={'reuse_prefix': False}.")
-        value = _clone(self._outputs[index])
+        value = self._outputs[index]
+        if index in self._mutated:
+            value = _clone(value)
         if self._aliased[index]:
             args[0].copy_(value)
             return args[0]
@@ -149,13 +174,15 @@ class PrefixReplay:
     # -- passes ------------------------------------------------------------------------------------------------
     def record(self, run: Callable[[], Any]) -> Any:
         """Run ``run()`` (a forward of the unchanged model) and record it; returns its result."""
-        self._calls, self._outputs, self._aliased, self._macs = [], [], [], []
+        self._calls, self._outputs, self._aliased, self._macs, self._live = [], [], [], [], []
         self._stored_bytes, self._storing = 0, True
         self._mode, self._index = "record", 0
         try:
-            return run()
+            result = run()
         finally:
             self._mode = None
+        self._settle()
+        return result
 
     def replay(self, run: Callable[[], Any], cut: int) -> Any:
         """Run ``run()`` with the first ``cut`` leaf calls (clipped to what was recorded) replayed."""
