@@ -50,6 +50,7 @@ from lightning_prune.structure import DependencyGraph, FlopsModel, count_flops  
 OUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks"
 TARGET = 0.443
 THREADS = 1
+TAG = ""
 
 
 # -- models and data ---------------------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def agreement(a: dict, b: dict) -> dict:
 def part_agreement(args) -> dict:
     from lightning_prune.datamodules import DigitsDataModule
 
-    data = DigitsDataModule(image_size=16, batch_size=64, seed=0)
+    data = DigitsDataModule(image_size=16, batch_size=64, seed=0, val_fraction=args.val_fraction)
     data.setup("fit")
     data.setup("test")
     train, test = data.train_dataloader(), data.test_dataloader()
@@ -396,7 +397,8 @@ def part_agreement(args) -> dict:
         _train(dense, train, epochs=args.epochs, lr=0.05, seed=0)
         row = {"dense_test_acc": _accuracy(dense, test), "val_images": sum(len(y) for _, y in val)}
         smaller_val = [(x[:-8], y[:-8]) for x, y in val]  # a perturbed split (16 images fewer): the noise reference
-        for label, split, options in (("exact", val, {}), ("fast", val, {"mode": "fast"}),
+        fast_options = {"mode": "fast", **json.loads(args.fast_options)}
+        for label, split, options in (("exact", val, {}), ("fast", val, fast_options),
                                       ("exact_perturbed_split", smaller_val, {})):
             model = copy.deepcopy(dense)
             evaluator = AccuracyEvaluator(model, split)
@@ -428,8 +430,9 @@ def part_agreement(args) -> dict:
 
 # -- output ------------------------------------------------------------------------------------------------------
 def dump(part: str, results: dict) -> None:
-    payload = {"machine": machine_description(THREADS), "load_average": os.getloadavg(), "results": results}
-    write_results(OUT / f"sensitivity_scale_{part}.json", json.dumps(payload, indent=1, default=str))
+    payload = {"machine": machine_description(THREADS), "load_average": os.getloadavg(), "argv": sys.argv[1:],
+               "results": results}
+    write_results(OUT / f"sensitivity_scale_{part}{TAG}.json", json.dumps(payload, indent=1, default=str))
 
 
 PARTS = {"scale": (part_scale, ["resnet20", "resnet56"]),
@@ -444,8 +447,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--epochs", type=int, default=5, help="agreement: dense training epochs")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="agreement: fine-tune epochs")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="agreement: digits validation fraction")
+    parser.add_argument("--fast-options", default="{}", help="agreement: JSON options added to mode='fast'")
+    parser.add_argument("--tag", default="", help="suffix of the results file (sensitivity_scale_<part><tag>.json)")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    global TAG
+    TAG = args.tag
     function, models = PARTS[args.part]
     args.models = args.models or models
     function(args)

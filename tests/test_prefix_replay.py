@@ -93,6 +93,7 @@ def test_memory_budget_clips_the_replayed_prefix_and_stays_exact():
                 replay._mode = None
                 assert torch.equal(out, model(x))
         fractions[budget] = replay.computed_fraction(cut)
+        assert replay.truncated == (budget == 0)
     assert fractions[0] == 1.0 and fractions[1024] < 0.5
 
 
@@ -139,6 +140,11 @@ def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits_m
     assert {name: c for name, (c, _) in counts.items()} == expected
     assert evaluator.images == (len(removals) + 1) * full.total
     assert evaluator.forward_equivalents < evaluator.images
+    # a batch that does not fit the budget replays nothing, says so, and counts the same
+    squeezed = AccuracyEvaluator(model, val)
+    with pytest.warns(RuntimeWarning, match="raise replay_mb"):
+        assert squeezed.correct_trials(trials, changed, replay_mb=0) == (baseline, counts)
+    assert squeezed.forward_equivalents == squeezed.images
     # early exit: the best trial is exact, the others are either exact or bounded above by their true count
     _, bounded = AccuracyEvaluator(model, val).correct_trials(trials, changed, keep=1)
     best = max(expected.values())

@@ -336,7 +336,7 @@ def test_fast_mode_is_opt_in():
     ({"time_budget_s": 0}, r"time_budget_s must be None or a number of seconds > 0"),
     ({"baseline": "no"}, r"baseline must be True or False, got .no."),
     ({"reuse_prefix": 1}, r"reuse_prefix must be True or False, got 1"),
-    ({"replay_mb": -1}, r"replay_mb must be a number of megabytes >= 0, got -1"),
+    ({"replay_mb": -1}, r"replay_mb must be None or a number of megabytes >= 0, got -1"),
     ({"fast": True}, r"sensitivity: unknown option\(s\) \['fast'\]; accepted keys: .*mode.*top_k.*refresh_every"),
 ])
 def test_sensitivity_option_errors_name_the_parameter_and_accepted_values(options, match):

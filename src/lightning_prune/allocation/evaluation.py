@@ -18,6 +18,7 @@ trainer; a single process uses :data:`LOCAL`).
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, Sequence
 
 import torch
@@ -154,6 +155,7 @@ class AccuracyEvaluator:
         self.evaluations = 0  #: passes started (full or exited early)
         self._batches: list[tuple[Any, torch.Tensor]] | None = None
         self._total: int | None = None
+        self._warned_truncated = False
 
     # -- the split ---------------------------------------------------------------------------------------------
     def batches(self) -> list[tuple[Any, torch.Tensor]]:
@@ -223,7 +225,7 @@ class AccuracyEvaluator:
 
     def correct_trials(self, trials: Mapping[str, Callable[[], ContextManager]],
                        changed: Mapping[str, Sequence[torch.Tensor]], *, keep: int | None = None,
-                       replay_mb: float = 1024.0, progress: bool = False) -> tuple[int, dict[str, tuple[int, int]]]:
+                       replay_mb: float | None = None, progress: bool = False) -> tuple[int, dict[str, tuple[int, int]]]:
         """Correct counts of the unchanged model and of every trial, batch by batch, sharing their common prefix.
 
         For each batch the unchanged model runs once, recorded by :class:`~lightning_prune.structure.replay.
@@ -235,6 +237,10 @@ class AccuracyEvaluator:
         among the ``keep`` best (the ``keep``-th best lower bound of the others: their counts so far); its count
         plus its unseen images is then an upper bound below every trial that can still be chosen. Ignored with
         ``shard_data`` (every rank must run the same collectives).
+
+        ``replay_mb``: memory for one batch's recorded outputs (default: a quarter of the free memory of the
+        model's device). A batch that does not fit replays a shorter prefix (still exact, less saved) and warns
+        once: lower ``eval_batch_size`` or raise ``replay_mb``.
 
         Returns ``(baseline correct, {name: (correct, seen)})``, summed over the ranks with ``shard_data``.
         """
@@ -258,6 +264,7 @@ class AccuracyEvaluator:
                 baseline += _count_correct(replay.record(lambda: _first_tensor(call_model(self.model, inputs))),
                                            labels)
                 self._count(n, 1.0)
+                self._warn_if_truncated(replay, replay_mb)
                 for name in active:
                     cut = cuts.setdefault(name, replay.cut_for(changed[name]))
                     with trials[name]():
@@ -270,6 +277,15 @@ class AccuracyEvaluator:
             baseline, counts = summed[0], dict(zip(names, summed[1:1 + len(names)]))
             seen = dict(zip(names, summed[1 + len(names):]))
         return baseline, {name: (counts[name], seen[name]) for name in names}
+
+    def _warn_if_truncated(self, replay: PrefixReplay, replay_mb: float | None) -> None:
+        if replay.truncated and not self._warned_truncated:
+            self._warned_truncated = True
+            warnings.warn(
+                f"sensitivity trials: one validation batch's layer outputs exceed the replay budget "
+                f"({replay.budget_bytes / 2**20:.0f} MB, replay_mb={replay_mb!r}); only the first "
+                f"{len(replay._outputs)} of {len(replay._calls)} layer calls are replayed (exact, but less is saved). "
+                "Lower eval_batch_size or raise replay_mb.", RuntimeWarning, stacklevel=3)
 
     def __call__(self) -> float:
         correct, _ = self.correct()

@@ -65,17 +65,36 @@ def _macs(module: nn.Module, output: Any) -> int:
     return 0
 
 
+def default_budget_mb(device: torch.device) -> float:
+    """A quarter of the memory free on ``device`` now (CUDA: the driver's free memory; CPU: ``MemAvailable``),
+    1024 MB where it cannot be read."""
+    try:
+        if device.type == "cuda":
+            return 0.25 * torch.cuda.mem_get_info(device)[0] / 2**20
+        with open("/proc/meminfo") as info:
+            for line in info:
+                if line.startswith("MemAvailable:"):
+                    return 0.25 * int(line.split()[1]) / 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return 1024.0
+
+
 class PrefixReplay:
     """Record one pass of ``model``, then replay its first leaf-module calls in later passes.
 
     Args:
         model: the network; its leaf modules' ``forward`` is wrapped while :meth:`attached` is active.
-        budget_mb: memory for the recorded outputs of one pass (on the model's device). Recording stops at the
-            first call that would exceed it; later cuts are clipped to what was recorded (exact, less saved).
+        budget_mb: memory for the recorded outputs of one pass (on the model's device; default
+            :func:`default_budget_mb`). Recording stops at the first call that would exceed it; later cuts are
+            clipped to what was recorded (exact, less saved: :attr:`truncated` tells).
     """
 
-    def __init__(self, model: nn.Module, budget_mb: float = 1024.0):
+    def __init__(self, model: nn.Module, budget_mb: float | None = None):
         self.model = model
+        if budget_mb is None:
+            parameter = next(model.parameters(), None)
+            budget_mb = default_budget_mb(parameter.device if parameter is not None else torch.device("cpu"))
         self.budget_bytes = int(budget_mb * 2**20)
         self._leaves = list({id(m): m for m in model.modules() if next(m.children(), None) is None}.values())
         self._mode: str | None = None
@@ -204,6 +223,11 @@ class PrefixReplay:
             if any(p.data_ptr() in pointers for p in module.parameters(recurse=False)):
                 return index
         return 0
+
+    @property
+    def truncated(self) -> bool:
+        """True when the last recorded pass did not fit the budget (the replayable prefix ends early)."""
+        return len(self._outputs) < len(self._calls)
 
     def computed_fraction(self, cut: int) -> float:
         """Share of the recorded pass's convolution/linear MACs that a replay with ``cut`` computes."""
