@@ -336,6 +336,7 @@ def test_fast_mode_is_opt_in():
     ({"time_budget_s": 0}, r"time_budget_s must be None or a number of seconds > 0"),
     ({"baseline": "no"}, r"baseline must be True or False, got .no."),
     ({"reuse_prefix": 1}, r"reuse_prefix must be True or False, got 1"),
+    ({"lazy_margin": 2}, r"lazy_margin must be None or an accuracy in \[0, 1\], got 2"),
     ({"replay_mb": -1}, r"replay_mb must be None or a number of megabytes >= 0, got -1"),
     ({"fast": True}, r"sensitivity: unknown option\(s\) \['fast'\]; accepted keys: .*mode.*top_k.*refresh_every"),
 ])
@@ -417,7 +418,7 @@ def test_fast_mode_in_a_lightning_fit(tmp_path):
     report = callback.reports[0]
     assert report["target_met"] and report["flops_reduction"] >= 0.4
     steps = report["sensitivity_steps"]
-    assert len(steps) >= 2 and len(steps[1]["trials"]) == 1  # a top-k round between refreshes
+    assert len(steps) >= 2 and 1 <= len(steps[1]["trials"]) < len(steps[0]["trials"])  # a lazy round
     module.model.train()(torch.zeros(2, 1, IMAGE, IMAGE)).sum().backward()  # the pruned model trains
 
 

