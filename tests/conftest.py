@@ -24,3 +24,25 @@ LIGHTNING_NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 def lightning_ns(request):
     """``pytorch_lightning`` or ``lightning.pytorch`` (the unified package): a test using it runs under both."""
     return importlib.import_module(request.param)
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    """A digits CNN trained for a few dozen steps (so trials differ), its validation split in batches of 16."""
+    from lightning_prune.datamodules import DigitsDataModule
+    from lightning_prune.models import create_model
+
+    torch.manual_seed(0)
+    data = DigitsDataModule(image_size=8, batch_size=32, seed=0)
+    data.setup("fit")
+    model = create_model("digits_cnn", num_classes=10, in_channels=1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for epoch in range(3):
+        for x, y in data.train_dataloader():
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+    model.eval()
+    xs, ys = zip(*data.val_dataloader())
+    x, y = torch.cat(xs), torch.cat(ys)
+    return model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]

@@ -119,8 +119,8 @@ def test_a_different_call_sequence_is_an_error_not_a_wrong_value():
     assert "forward" not in model.a.__dict__  # unwrapped on the way out
 
 
-def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits_model):
-    model, val = trained_digits_model
+def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits):
+    model, val = copy.deepcopy(trained_digits[0]), trained_digits[1]
     graph = graph_for(model, val[0][0][:2])
     from lightning_prune.criteria import get
 
@@ -151,27 +151,6 @@ def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits_m
     for name, (correct, seen) in bounded.items():
         upper = correct + full.total - seen
         assert upper >= expected[name] and (seen == full.total or upper < best)
-
-
-@pytest.fixture(scope="module")
-def trained_digits_model():
-    from lightning_prune.datamodules import DigitsDataModule
-    from lightning_prune.models import create_model
-
-    torch.manual_seed(0)
-    data = DigitsDataModule(image_size=8, batch_size=32, seed=0)
-    data.setup("fit")
-    model = create_model("digits_cnn", num_classes=10, in_channels=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(2):
-        for x, y in data.train_dataloader():
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), y).backward()
-            optimizer.step()
-    model.eval()
-    xs, ys = zip(*data.val_dataloader())
-    x, y = torch.cat(xs), torch.cat(ys)
-    return copy.deepcopy(model), [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]
 
 
 class SometimesInPlace(nn.Module):
