@@ -224,6 +224,7 @@ def prune_event(
     )
     strategy = get_strategy("latency" if target_kind == "latency" else allocation)
     strategy.check(ctx)
+    _warn_left_out(graph)
     _run_within(deadline, graph, removed, lambda: strategy.run(ctx))  # target_met is judged below, on the model
     if recalibrate_batches and removed:
         recalibrator(recalibrate_batches)()
@@ -266,6 +267,19 @@ def _scorer(graph: DependencyGraph, criterion: Any, dataloader: Iterable | None,
                             batch_fn=batch_fn, loss_fn=loss_fn, reduce_state=reduce_state)
 
     return score
+
+
+def _warn_left_out(graph: DependencyGraph) -> None:
+    """Name the groups left unpruned because Torch-Pruning's split/concat mapping is wrong for them (see
+    :mod:`lightning_prune.structure.mapping`): the rest of the model is pruned, and the target counts them."""
+    left_out = {name: reason for name, reason in graph.unmappable.items()
+                if reason.startswith("UnsupportedModelError")}
+    if left_out:
+        shown = "; ".join(reason.split(": ", 1)[1] for reason in list(left_out.values())[:3])
+        more = f" (and {len(left_out) - 3} more)" if len(left_out) > 3 else ""
+        warnings.warn(f"{len(left_out)} channel group(s) are left unpruned because their channel mapping cannot be "
+                      f"followed: {shown}{more}. The rest of the model is pruned; add their modules to ignore= to "
+                      "silence this.", stacklevel=3)
 
 
 def _run_within(deadline: EventDeadline, graph: DependencyGraph, removed: dict[str, int],

@@ -110,6 +110,9 @@ def mapping_problem(members: Sequence[Any], root_width: int, size: int, ops: Seq
                 "mapping is inconsistent here")
     covered: dict[tuple[int, str], set[int]] = {}
     for member in members:
+        if member.channels.numel() and not 0 <= int(member.channels.min()) <= int(member.channels.max()) < size:
+            return (f"module {member.module_name!r} ({type(member.module).__name__}): Torch-Pruning numbers its "
+                    f"channels up to {int(member.channels.max())} in a group of {size}{through}")
         width = member_width(member)
         positions = set(member.positions.tolist())
         if width is not None and positions and (max(positions) >= width or min(positions) < 0):
