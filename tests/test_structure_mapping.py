@@ -12,8 +12,10 @@ import torch
 from torch import nn
 
 import lightning_prune as lp
+from lightning_prune import criteria
 from lightning_prune.errors import EventTimeoutError, UnsupportedModelError
-from lightning_prune.structure import DependencyGraph, GroupMember
+from lightning_prune.pruning import prune_event
+from lightning_prune.structure import DependencyGraph, EventDeadline, GroupMember
 
 from .zoo import assert_outputs_close, disconnect, randomize_normalization
 
@@ -321,3 +323,22 @@ def test_event_timeout_must_be_positive_seconds(value):
     model, x = build(GhostNetLike)
     with pytest.raises((ValueError, TypeError), match="event_timeout"):
         lp.prune(model, x, criterion="l2", amount=0.5, event_timeout=value)
+
+
+def test_a_timeout_after_a_successful_surgery_restores_the_event_start():
+    """The bound is hit after this event already removed channels: the model, the plan and the graph go back to
+    the event's start (the timeout is raised from ``on_surgery`` here, which is where the next check would be)."""
+    model, x = build(GhostNetLike)
+    graph = DependencyGraph(model, x)
+    before, widths = copy.deepcopy(model.state_dict()), graph.widths()
+    deadline = EventDeadline(3600.0)
+
+    def out_of_time(result):
+        raise deadline.error("testing the rollback")
+
+    with pytest.raises(EventTimeoutError, match="event_timeout=3600 s was reached while testing the rollback"):
+        prune_event(graph, criteria.get("l2"), 0.5, on_surgery=out_of_time, event_timeout=deadline)
+    assert conv_widths(model)["conv_stem.0"] == 16 and graph.plan.is_empty() and graph.widths() == widths
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    graph.prune_groups({"conv_stem.0": [2]})  # the graph still fits the model
+    assert conv_widths(model)["conv_stem.0"] == 14

@@ -286,14 +286,14 @@ def _run_within(deadline: EventDeadline, graph: DependencyGraph, removed: dict[s
                 run: Callable[[], Any]) -> None:
     """Run the allocation; when ``event_timeout`` stops it after some surgeries of this event, put the model and
     the graph back as they were at the event's start (a timed-out event changes nothing)."""
-    snapshot, plan = ModelSnapshot(graph.model), graph.plan.copy()
+    snapshot, plan = ModelSnapshot(graph.model, extra_modules=graph._operations()), graph.plan.copy()
     try:
         run()
     except EventTimeoutError:
         if removed:
-            snapshot.restore()
+            snapshot.restore()  # the model and Torch-Pruning's op records: the graph fits the model again
             graph.plan = plan
-            graph._rebuild_after_failure()
+            graph._groups = None
             removed.clear()
         raise
 

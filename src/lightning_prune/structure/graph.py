@@ -898,7 +898,9 @@ class DependencyGraph:
             new_plan.record_removal(name, by_name[name].size, indices)
         new_plan.add_event(removed={name: len(ix) for name, ix in checked.items()}, **event_info)
 
-        snapshot = ModelSnapshot(self.model)
+        # Torch-Pruning's op records (concat/split sizes) are restored with the model, so a failed step needs no
+        # graph rebuild (one build per failure made exclusion probing cost a build per broken group).
+        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
         lineage = ParameterLineage()
         try:
             with lineage.recording(), torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes):
@@ -912,7 +914,6 @@ class DependencyGraph:
             # Any interruption (KeyboardInterrupt, SystemExit included) restores the exact previous model before
             # it propagates: nothing half-pruned can be used or checkpointed afterwards.
             snapshot.restore()
-            self._rebuild_after_failure()
             if not isinstance(error, Exception):
                 raise
             raise PruningError(
@@ -958,14 +959,6 @@ class DependencyGraph:
             if self.has_mode_dependent_branches:
                 self.model.train()
                 self._forward(self.model, batch_of_at_least(self.example_inputs))
-
-    def _rebuild_after_failure(self) -> None:
-        # Torch-Pruning's op nodes (concat sizes, reshape info) may have been edited before the failure.
-        try:
-            self._build()
-        except Exception:
-            self._tp = None
-            self._groups = []
 
     @contextlib.contextmanager
     def masked(self, removals: Mapping[str | ChannelGroup, Iterable[int]]) -> Any:
@@ -1073,13 +1066,16 @@ class DependencyGraph:
         for half in (names[:middle], names[middle:]):
             self._bisect_broken(half, wanted, broken, deadline)
 
+    def _operations(self) -> list[nn.Module]:
+        """Torch-Pruning's op modules (concat, split, reshape...): outside the model, edited by surgery."""
+        return [m for m in self._tp.module2node if m not in self._names]
+
     def _trial_surgery(self, removals: Mapping[str, list[int]]) -> str | None:
         """Remove ``removals`` from this graph's model with the usual checks, then put everything back in place,
         Torch-Pruning's own op records (concat/split sizes) included, so the next probe needs no rebuild. Returns
         why the surgery failed, or None. Only for the throwaway copy of :meth:`find_unprunable`."""
         by_name = {g.name: g for g in self.groups}
-        operations = [m for m in self._tp.module2node if m not in self._names]
-        snapshot = ModelSnapshot(self.model, extra_modules=operations)
+        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
         try:
             with torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes):
                 for name, indices in removals.items():
