@@ -1068,7 +1068,7 @@ class DependencyGraph:
 
     def _operations(self) -> list[nn.Module]:
         """Torch-Pruning's op modules (concat, split, reshape...): outside the model, edited by surgery."""
-        return [m for m in self._tp.module2node if m not in self._names]
+        return [m for m in self._tp.module2node if isinstance(m, nn.Module) and m not in self._names]
 
     def _trial_surgery(self, removals: Mapping[str, list[int]]) -> str | None:
         """Remove ``removals`` from this graph's model with the usual checks, then put everything back in place,
