@@ -342,3 +342,28 @@ def test_a_timeout_after_a_successful_surgery_restores_the_event_start():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     graph.prune_groups({"conv_stem.0": [2]})  # the graph still fits the model
     assert conv_widths(model)["conv_stem.0"] == 14
+
+
+class ShuffleLike(nn.Module):
+    """ShuffleNet's channel shuffle (view / transpose / view): the groups crossing it are frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = cbr(3, 8, 1)
+        self.conv2 = cbr(8, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+        return self.fc(self.conv2(x).mean((2, 3)))
+
+
+def test_groups_through_a_frozen_op_count_against_a_channel_target():
+    model, x = build(ShuffleLike)
+    graph = DependencyGraph(model, x)
+    assert "conv1.0" not in {g.name for g in graph.groups} and graph.unprunable_widths["conv1.0"] == (8, 8)
+    graph.prune_groups({"conv2.0": [0, 1, 2, 3]})
+    assert graph.channel_sparsity() == pytest.approx(0.5)  # over the prunable groups (what allocation aims at)
+    assert graph.channel_sparsity(include_unprunable=True) == pytest.approx(4 / 16)

@@ -685,8 +685,6 @@ class DependencyGraph:
         for tp_group in tp_groups:
             if self.protect_outputs and self._reaches_output(tp_group):
                 continue
-            if any(item.dep.target.module in frozen_modules for item in tp_group):
-                continue
             members = self._members(tp_group)
             out_names = [m.module_name for m in members if m.kind == OUT]
             if not out_names:
@@ -694,6 +692,9 @@ class DependencyGraph:
             name = min(out_names, key=lambda n: self._order.get(n, len(self._order)))
             size = len(tp_group[0].idxs)
             root_dep = tp_group[0].dep
+            if any(item.dep.target.module in frozen_modules for item in tp_group):
+                self._record_unprunable(name, self._out_width(root_dep.target.module) or size)  # counts vs target
+                continue
             if self._reject_mapping(name, tp_group, members, size):
                 continue
             record = self.plan.groups.get(name)
