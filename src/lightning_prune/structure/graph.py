@@ -732,8 +732,8 @@ class DependencyGraph:
         problem = mapping_problem(members, root_width, size, ops) or tied_through_reshape(members, size, ops)
         if problem is None:
             return False
-        self.unmappable[name] = (f"UnsupportedModelError: group {name!r} (root {self._names.get(root, root)!r}) is left "
-                                 f"unpruned: {problem}")
+        root_name = self._names.get(root, root)
+        self.unmappable[name] = f"UnsupportedModelError: group {name!r} (root {root_name!r}) is left unpruned: {problem}"
         named = next((m.module for m in members if m.module_name == name), root)
         self._record_unprunable(name, self._out_width(named) or root_width)
         return True
@@ -778,8 +778,8 @@ class DependencyGraph:
         self.unmappable: dict[str, str] = {}
         #: ``(original, current)`` widths of the groups the library had to leave unpruned (unmappable or
         #: excluded), which count against a channel target (:meth:`channel_sparsity`)
-        self.unprunable_widths: dict[str, tuple[int, int]] = {n: w for n, w in getattr(self, "unprunable_widths", {}).items()
-                                                  if n in self.excluded}
+        kept = getattr(self, "unprunable_widths", {})
+        self.unprunable_widths: dict[str, tuple[int, int]] = {n: w for n, w in kept.items() if n in self.excluded}
         result = []
         for module in list(graph.module2node):
             if module in ignored or module in visited or not isinstance(module, tuple(root_types)):
@@ -939,8 +939,8 @@ class DependencyGraph:
             module, _ = by_name[name]._root
             actual = self._out_width(module)
             if actual is not None and actual != width:
-                raise RuntimeError(f"group {name!r}: surgery left {actual} channels where {width} were planned (channels "
-                                   "tied to the removed ones were not accounted for)")
+                raise RuntimeError(f"group {name!r}: surgery left {actual} channels where {width} were planned "
+                                   "(channels tied to the removed ones were not accounted for)")
         touched = {m.module for name in expected for m in by_name[name].members}
         problems = shape_inconsistencies((self._names[m], m) for m in touched if m in self._names)
         if problems:

@@ -155,10 +155,13 @@ def shape_inconsistencies(modules: Iterable[tuple[str, nn.Module]]) -> list[str]
             if (m.out_channels, m.in_channels) != (expected_out, expected_in) or 0 in weight.shape:
                 problems.append(f"{name}: {type(m).__name__} says {m.in_channels}->{m.out_channels} channels, "
                                 f"its weight is {tuple(weight.shape)}")
-        elif isinstance(m, nn.Linear) and ((m.out_features, m.in_features) != tuple(weight.shape) or 0 in weight.shape):
-            problems.append(f"{name}: Linear says {m.in_features}->{m.out_features}, its weight is {tuple(weight.shape)}")
+        elif isinstance(m, nn.Linear) and ((m.out_features, m.in_features) != tuple(weight.shape)
+                                           or 0 in weight.shape):
+            problems.append(f"{name}: Linear says {m.in_features}->{m.out_features}, its weight is "
+                            f"{tuple(weight.shape)}")
         elif isinstance(m, nn.modules.batchnorm._BatchNorm) and weight.dim() == 1 and m.num_features != weight.numel():
-            problems.append(f"{name}: {type(m).__name__} says {m.num_features} features, its weight has {weight.numel()}")
+            problems.append(f"{name}: {type(m).__name__} says {m.num_features} features, its weight has "
+                            f"{weight.numel()}")
     return problems
 
 
