@@ -199,6 +199,10 @@ def test_unprunable_groups_are_found_once_and_kept_across_events_and_checkpoints
     assert set(prune.excluded_groups) == {"model.stem"}
     assert prune.done_epochs == [0, 1]
     assert module.model.stem.out_channels == 8 and module.model.body.out_channels == 16
+    # the excluded stem counts against the target in both events, not only in the one that excluded it
+    assert [r["unprunable_widths"] for r in prune.reports] == [{"model.stem": [8, 8]}] * 2
+    assert [r["target_met"] for r in prune.reports] == [False, False]
+    assert prune.reports[-1]["channel_sparsity"] == pytest.approx(16 / 40)
     restored = PruneCallback(amount=0.5, epochs=[0, 1], criterion="l1")
     restored.load_state_dict(prune.state_dict())
     assert restored.excluded_groups == prune.excluded_groups

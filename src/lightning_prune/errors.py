@@ -24,6 +24,11 @@ class PruningError(LightningPruneError, RuntimeError):
     """A pruning step failed. The model has been restored to its state before the step."""
 
 
+class EventTimeoutError(LightningPruneError, TimeoutError):
+    """A pruning event (graph build, exclusion probing, surgery) ran past ``event_timeout``; the model is restored
+    to its state before the event. Not a :class:`PruningError`: no group is to blame, so none is excluded."""
+
+
 class InconsistentRanksError(PruningError):
     """Distributed processes decided different pruning; nothing was pruned."""
 

@@ -28,22 +28,28 @@ from .allocation.strategies import (  # noqa: F401  (choose_removals, _trim: imp
 from .allocation.latency import LatencyTarget, check_latency_arguments, resolve_target
 from .errors import (
     ArgumentTypeError,
+    EventTimeoutError,
+    GraphBuildTimeout,
     PruningError,
     check_callable,
     check_choice,
     check_fraction,
     check_mapping,
+    check_number,
     check_positive_int,
 )
 from .structure import (
     DependencyGraph,
+    EventDeadline,
     FlopsModel,
+    ModelSnapshot,
     PruningPlan,
     SurgeryResult,
     check_graph_options,
     count_flops,
     count_params,
     recalibrate_batchnorm,
+    run_bounded,
 )
 from .target_report import check_target
 
@@ -88,6 +94,9 @@ class PruneReport:
     predicted_latency_ms: float | None = None
     dense_latency_ms: float | None = None
     latency_ratio: float | None = None
+    #: ``{group: [original, current]}`` widths of the groups the library had to leave unpruned (excluded because
+    #: their removal breaks the model, or unmappable); they count in :attr:`channel_sparsity` as unremoved
+    unprunable_widths: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def latency_reduction(self) -> float | None:
@@ -109,8 +118,10 @@ class PruneReport:
 
     @property
     def channel_sparsity(self) -> float:
-        original = sum(self.original_widths.values())
-        return 1.0 - sum(self.widths_after.values()) / original if original else 0.0
+        """Fraction of the channels removed, counting the groups left unpruned (:attr:`unprunable_widths`)."""
+        original = sum(self.original_widths.values()) + sum(o for o, _ in self.unprunable_widths.values())
+        current = sum(self.widths_after.values()) + sum(c for _, c in self.unprunable_widths.values())
+        return 1.0 - current / original if original else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -133,7 +144,7 @@ class PruneReport:
             f"({self.flops_reduction:.1%} removed vs original)",
             f"Params  {human(self.params_before):>9} -> {human(self.params_after):>9}  "
             f"({1 - self.params_after / max(self.params_before, 1):.1%} removed this event)",
-            f"Channels {self.channel_sparsity:.1%} of prunable channels removed; "
+            f"Channels {self.channel_sparsity:.1%} of channels removed (groups left unpruned count); "
             f"{sum(self.removed.values())} this event in {self.seconds:.2f} s",
         ]
         if self.latency_ratio is not None:
@@ -170,6 +181,7 @@ def prune_event(
     world_size: int = 1,
     collective: Collective = LOCAL,
     latency: Any = None,
+    event_timeout: float | EventDeadline | None = None,
     **event_info: Any,
 ) -> PruneReport:
     """Score, allocate and remove channels until ``target`` is reached. See :func:`prune` for the arguments.
@@ -185,8 +197,13 @@ def prune_event(
     allocator's ``recalibrate_batches`` > 0, and after the last surgery when ``recalibrate_batches`` > 0; under
     DDP the statistics are averaged over ``world_size`` ranks with ``reduce_state``. ``collective`` shards
     sensitivity trials and Blend's search over the DDP ranks. ``target_kind="latency"`` needs ``latency`` (an
-    :class:`~lightning_prune.allocation.LatencyTarget`) and runs the latency allocation whatever ``allocation``."""
+    :class:`~lightning_prune.allocation.LatencyTarget`) and runs the latency allocation whatever ``allocation``.
+    ``event_timeout`` (seconds, or an :class:`~lightning_prune.structure.EventDeadline` already running) bounds
+    exclusion probing and surgery together; past it :class:`~lightning_prune.errors.EventTimeoutError` is raised
+    and the model is restored to its state before the event."""
     start = time.perf_counter()
+    deadline = event_timeout if isinstance(event_timeout, EventDeadline) else EventDeadline(
+        check_number("event_timeout", event_timeout, minimum=0, exclusive_minimum=True, allow_none=True))
     model, example_inputs = graph.model, graph.example_inputs
     widths_before, params_before = graph.widths(), count_params(model)
     # The event's one fvcore count (reused by the allocation strategy's FlopsModel through the graph's count cache);
@@ -201,13 +218,14 @@ def prune_event(
         graph=graph, criterion=criterion, target=target, target_kind=target_kind, round_to=round_to,
         max_group_sparsity=max_group_sparsity, original_flops=original_flops,
         score=_scorer(graph, criterion, dataloader, scoring_batches, batch_fn, loss_fn, reduce_state),
-        apply=_surgeon(graph, removed, before_surgery, on_surgery, event_info),
-        exclude=lambda removals: exclude_breaking_groups(graph, removals), evaluate=evaluate,
+        apply=_surgeon(graph, removed, before_surgery, on_surgery, event_info, deadline),
+        exclude=lambda removals: exclude_breaking_groups(graph, removals, deadline), evaluate=evaluate,
         collective=collective, recalibrator=recalibrator, sensitivity=dict(sensitivity or {}), latency=latency,
     )
     strategy = get_strategy("latency" if target_kind == "latency" else allocation)
     strategy.check(ctx)
-    strategy.run(ctx)  # target_met is judged below, on the pruned model
+    _warn_left_out(graph)
+    _run_within(deadline, graph, removed, lambda: strategy.run(ctx))  # target_met is judged below, on the model
     if recalibrate_batches and removed:
         recalibrator(recalibrate_batches)()
     flops_after = _flops_after(graph, dense, removed, measure)
@@ -221,7 +239,8 @@ def prune_event(
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
         original_widths=graph.original_widths(), removed=removed, seconds=time.perf_counter() - start,
         target=target, target_kind=target_kind, target_met=met, plan=graph.plan.to_dict(),
-        original_flops=original_flops, sensitivity_steps=ctx.records, **latency_fields,
+        original_flops=original_flops, sensitivity_steps=ctx.records,
+        unprunable_widths={n: list(w) for n, w in graph.unprunable_widths.items()}, **latency_fields,
     )
 
 
@@ -250,16 +269,53 @@ def _scorer(graph: DependencyGraph, criterion: Any, dataloader: Iterable | None,
     return score
 
 
+def _warn_left_out(graph: DependencyGraph) -> None:
+    """Name the groups left unpruned because Torch-Pruning's split/concat mapping is wrong for them (see
+    :mod:`lightning_prune.structure.mapping`): the rest of the model is pruned, and the target counts them."""
+    left_out = {name: reason for name, reason in graph.unmappable.items()
+                if reason.startswith("UnsupportedModelError")}
+    if left_out:
+        shown = "; ".join(reason.split(": ", 1)[1] for reason in list(left_out.values())[:3])
+        more = f" (and {len(left_out) - 3} more)" if len(left_out) > 3 else ""
+        warnings.warn(f"{len(left_out)} channel group(s) are left unpruned because their channel mapping cannot be "
+                      f"followed: {shown}{more}. The rest of the model is pruned; add their modules to ignore= to "
+                      "silence this.", stacklevel=3)
+
+
+def _run_within(deadline: EventDeadline, graph: DependencyGraph, removed: dict[str, int],
+                run: Callable[[], Any]) -> None:
+    """Run the allocation; when ``event_timeout`` stops it after some surgeries of this event, put the model and
+    the graph back as they were at the event's start (a timed-out event changes nothing)."""
+    snapshot, plan = ModelSnapshot(graph.model, extra_modules=graph._operations()), graph.plan.copy()
+    try:
+        run()
+    except EventTimeoutError:
+        if removed:
+            snapshot.restore()  # the model and Torch-Pruning's op records: the graph fits the model again
+            graph.plan = plan
+            graph._groups = None
+            removed.clear()
+        raise
+
+
 def _surgeon(graph: DependencyGraph, removed: dict[str, int], before_surgery: Callable | None,
-             on_surgery: Callable | None, event_info: dict[str, Any]) -> Callable[[dict[str, list[int]]], None]:
-    """``apply(removals)``: verify (DDP), prune atomically, count, transplant."""
+             on_surgery: Callable | None, event_info: dict[str, Any],
+             deadline: EventDeadline | None = None) -> Callable[[dict[str, list[int]]], None]:
+    """``apply(removals)``: verify (DDP), prune atomically (within the event's deadline), count, transplant.
+    ``removed`` counts what surgery really removed: tied channels included, the widths checked after surgery."""
+    deadline = deadline if deadline is not None else EventDeadline(None)
 
     def apply(removals: dict[str, list[int]]) -> None:
         if not removals:
             return
         if before_surgery is not None:
             before_surgery(removals)
-        result = graph.prune_groups(removals, **event_info)
+        deadline.check("starting surgery")
+        try:  # a surgery stopped by the deadline is rolled back by prune_groups before this sees it
+            result = run_bounded(lambda: graph.prune_groups(removals, **event_info), what="Surgery",
+                                 timeout_s=deadline.bound(None))
+        except GraphBuildTimeout as error:
+            raise deadline.error("removing channels (surgery)") from error
         for name, indices in result.removed.items():
             removed[name] = removed.get(name, 0) + len(indices)
         if on_surgery is not None:
@@ -295,11 +351,12 @@ def _recalibrator(model: nn.Module, recalibration_data: Iterable | None, batch_f
     return recalibrator
 
 
-def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int]]) -> bool:
-    """After a failed surgery: find the groups among ``removals`` whose removal alone breaks the model, take them
-    out of ``graph`` with a warning naming them and why, and return True; False when no single group is to blame
-    (then the failure stands)."""
-    broken = graph.find_unprunable(list(removals))
+def exclude_breaking_groups(graph: DependencyGraph, removals: dict[str, list[int]],
+                            deadline: EventDeadline | None = None) -> bool:
+    """After a failed surgery: find the groups among ``removals`` whose removal (at the amounts asked) breaks the
+    model, take them out of ``graph`` with a warning naming them and why, and return True; False when no single
+    group is to blame (then the failure stands). Probing is bounded by ``deadline``."""
+    broken = graph.find_unprunable(removals, deadline=deadline)
     if not broken:
         return False
     graph.exclude(broken)
@@ -332,6 +389,7 @@ def prune(
     sensitivity: dict[str, Any] | None = None,
     recalibrate_batches: int = 0,
     plan: PruningPlan | dict | None = None,
+    event_timeout: float | None = None,
     **graph_kwargs: Any,
 ) -> PruneReport:
     """Prune ``model`` in place, once, and report what changed.
@@ -371,6 +429,9 @@ def prune(
         recalibrate_batches: after pruning, re-estimate BatchNorm statistics on this many batches of
             ``dataloader`` (default 0: keep the stale ones; the weights are never changed).
         plan: the plan of an already pruned model, so the new removal composes with it.
+        event_timeout: seconds for the whole event (graph build, exclusion probing, surgery), or None (default)
+            for no bound; past it :class:`~lightning_prune.errors.EventTimeoutError` is raised, naming
+            ``event_timeout``, and the model is left unchanged. ``build_timeout`` still bounds the build alone.
         **graph_kwargs: passed to :class:`~lightning_prune.structure.DependencyGraph` (``trace_mode``,
             ``build_timeout``, ``customized_pruners``...).
 
@@ -402,7 +463,9 @@ def prune(
             f"criterion={getattr(criterion, 'name', criterion)!r} is data-driven: pass dataloader= (and optionally "
             "scoring_batches=)."
         )
-    graph = DependencyGraph(model, example_inputs, ignore=ignore, plan=plan, **graph_kwargs)
+    deadline = EventDeadline(check_number("event_timeout", event_timeout, minimum=0, exclusive_minimum=True,
+                                          allow_none=True))
+    graph = _bounded_graph(model, example_inputs, deadline, ignore=ignore, plan=plan, **graph_kwargs)
     evaluate = _accuracy_evaluator(model, val_dataloader, batch_fn) if val_dataloader is not None else None
     latency = None
     if target_kind == "latency":
@@ -412,8 +475,19 @@ def prune(
         graph, criterion, target, target_kind=target_kind, allocation=allocation, round_to=round_to,
         max_group_sparsity=max_group_sparsity, dataloader=dataloader, scoring_batches=scoring_batches,
         batch_fn=batch_fn, evaluate=evaluate, sensitivity=sensitivity, recalibration_data=dataloader,
-        recalibrate_batches=recalibrate_batches, latency=latency, source="prune",
+        recalibrate_batches=recalibrate_batches, latency=latency, event_timeout=deadline, source="prune",
     )
+
+
+def _bounded_graph(model: nn.Module, example_inputs: Any, deadline: EventDeadline, **kwargs: Any) -> DependencyGraph:
+    """The event's graph, its build bounded by ``build_timeout`` and by what is left of ``event_timeout``."""
+    kwargs["build_timeout"] = deadline.bound(kwargs.get("build_timeout", 120.0))
+    try:
+        return DependencyGraph(model, example_inputs, **kwargs)
+    except GraphBuildTimeout as error:
+        if deadline.expired():
+            raise deadline.error("building the dependency graph") from error
+        raise
 
 
 def _check_prune_arguments(model: Any, *, ignore: Any, dataloader: Any, batch_fn: Any, val_dataloader: Any,

@@ -20,8 +20,11 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
     reduction vs the original model; ``why_not`` is None when met, else a sentence naming the caps."""
     groups = graph.groups
     if target_kind == "channels":
-        original = sum(g.original_size for g in groups)
-        reached = graph.channel_sparsity()
+        # Groups the library had to leave unpruned (excluded, unmappable) count as unremoved channels: a target
+        # is not met by pruning only what was left.
+        unprunable = dict(getattr(graph, "unprunable_widths", {}) or {})
+        original = sum(g.original_size for g in groups) + sum(o for o, _ in unprunable.values())
+        reached = graph.channel_sparsity(include_unprunable=True)
         # One channel of slack: no removal lands closer when the target falls between two channel counts.
         met = target <= 0 or (bool(original) and reached >= target - 1.0 / original - 1e-9)
     elif target_kind == "latency":  # measured: met within the timing tolerance of allocation.latency
@@ -68,6 +71,10 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
     if unmappable:
         causes.append(f"{len(unmappable)} group(s) unmappable (their channels cannot be followed through an op: "
                       f"{', '.join(sorted(unmappable)[:5])})")
+    share = _unprunable_share(graph, groups)
+    if share:
+        causes.append(f"the groups left unpruned hold {share:.1%} of the channels, and they count against the "
+                      "target as unremoved")
     if frozen:
         causes.append(f"groups through {len(frozen)} frozen op(s) are never pruned ({', '.join(frozen[:3])})")
     if target_kind == "flops" and getattr(graph, "ignored", None):
@@ -75,6 +82,13 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
     if not causes:
         causes.append("the allocation stopped before the target (no further removal was admissible)")
     return "Capped by: " + "; ".join(causes) + "."
+
+
+def _unprunable_share(graph: Any, groups: list) -> float:
+    unprunable = dict(getattr(graph, "unprunable_widths", {}) or {})
+    held = sum(o for o, _ in unprunable.values())
+    total = held + sum(g.original_size for g in groups)
+    return held / total if total else 0.0
 
 
 def check_target(graph: Any, target: float, target_kind: str, flops_after: float, original_flops: float | None,

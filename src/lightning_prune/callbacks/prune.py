@@ -377,6 +377,7 @@ class PruneCallback(Callback):
         graph = DependencyGraph(pl_module, example, ignore=[*self.ignore, *sorted(self.excluded_groups)],
                                 plan=self.plan, **self.graph_kwargs)
         interop.skip_frozen_groups(self, graph)
+        _count_earlier_exclusions(graph, pl_module, self.excluded_groups)
         if self.original_flops is None:
             self.original_flops = count_flops(pl_module, example)
             self.original_params = count_params(pl_module)
@@ -566,3 +567,15 @@ def load_pruned(module_class: type[pl.LightningModule], checkpoint_path: str, *,
             apply_plan(module, plan, _zeros_like_shapes(saved.get("example_shape"), module))
     module.load_state_dict(checkpoint["state_dict"], strict=strict)
     return module.eval()
+
+
+def _count_earlier_exclusions(graph: DependencyGraph, pl_module: pl.LightningModule, excluded: dict[str, str]) -> None:
+    """Groups excluded in an earlier event are passed as ``ignore=`` (so the probe is not repeated), but they are
+    still channels the library could not prune: record them as excluded so the target report counts them."""
+    modules = dict(pl_module.named_modules())
+    for name, reason in excluded.items():
+        module = modules.get(name)
+        width = getattr(module, "out_channels", None) or getattr(module, "out_features", None)
+        if isinstance(width, int) and name not in graph.excluded:
+            graph.excluded[name] = reason
+            graph.unprunable_widths[name] = (width, width)

@@ -15,10 +15,10 @@ from .graph import (
 from .optimizer import OptimizerSnapshot, transplant_optimizer
 from .plan import PruningPlan
 from .surgery import ModelSnapshot, ParameterLineage, Slicing
-from .tracing import preserved_state, run_bounded
+from .tracing import EventDeadline, preserved_state, run_bounded
 
 __all__ = [
-    "GRAPH_OPTIONS", "IN", "OUT", "ChannelGroup", "FlopsModel", "DependencyGraph", "GroupMember", "ModelCost", "ModelSnapshot", "OptimizerSnapshot",
+    "EventDeadline", "GRAPH_OPTIONS", "IN", "OUT", "ChannelGroup", "FlopsModel", "DependencyGraph", "GroupMember", "ModelCost", "ModelSnapshot", "OptimizerSnapshot",
     "ParameterLineage", "PruningPlan", "Slicing", "SurgeryResult", "apply_plan", "check_graph_options", "count_flops", "count_params",
     "measure", "preserved_state", "recalibrate_batchnorm", "run_bounded", "transplant_optimizer",
 ]

@@ -26,6 +26,7 @@ from torch_pruning.dependency import index_mapping as tp_index_mapping
 
 from ..errors import (
     ArgumentTypeError,
+    GraphBuildTimeout,
     PlanMismatchError,
     PruningError,
     UnsupportedModelError,
@@ -36,9 +37,11 @@ from ..errors import (
     check_number,
 )
 from .flops import observing_widths
+from .mapping import RemovalRules, mapping_problem, ops_crossed, shape_inconsistencies, tied_through_reshape
 from .plan import PruningPlan
 from .surgery import ModelSnapshot, ParameterLineage, Slicing
 from .tracing import (
+    EventDeadline,
     all_requiring_grad,
     batch_of_at_least,
     call_model,
@@ -247,7 +250,13 @@ class GroupMember:
         if index is None:
             return None
         weight = self.module.weight.detach()
-        return weight[index].reshape(len(self.positions), -1)
+        try:
+            return weight[index].reshape(len(self.positions), -1)
+        except IndexError as error:  # a mis-mapped group must never surface as a bare IndexError
+            raise UnsupportedModelError(
+                f"module {self.module_name!r} ({type(self.module).__name__}): the channel index mapping points "
+                f"outside its weight {tuple(weight.shape)} ({error}); add it to ignore= to leave it unpruned."
+            ) from error
 
 
 class ChannelGroup:
@@ -270,6 +279,7 @@ class ChannelGroup:
         members: Sequence[GroupMember],
         original_size: int,
         root: tuple[nn.Module, Callable],
+        probe: Callable[[tuple[nn.Module, Callable]], Any] | None = None,
     ):
         self.name = name
         self.size = size
@@ -277,6 +287,23 @@ class ChannelGroup:
         self.members = tuple(members)
         self.original_size = original_size
         self._root = root
+        self._rules: RemovalRules | None = None
+        self._probe = probe
+
+    @property
+    def rules(self) -> RemovalRules:
+        """Tied channels and narrow members (see :mod:`lightning_prune.structure.mapping`), computed once."""
+        if self._rules is None:
+            if self._probe is None:
+                self._rules = RemovalRules(self.members, self.size, self.min_size)
+            else:
+                with self._probe(self._root) as probe:
+                    self._rules = RemovalRules(self.members, self.size, self.min_size, probe, self._root[0])
+        return self._rules
+
+    def closure(self, indices: Iterable[int]) -> list[int]:
+        """``indices`` plus every channel physically tied to them (removed with them by surgery)."""
+        return self.rules.closure(indices)
 
     @property
     def producers(self) -> list[GroupMember]:
@@ -318,7 +345,10 @@ class ChannelGroup:
         return torch.cat(blocks, dim=1)
 
     def validate_removal(self, indices: Iterable[int], *, param: str = "indices") -> list[int]:
-        """Check indices against this group and return them sorted; raise ``ValueError`` naming ``param``."""
+        """Check indices against this group and return what surgery will really remove, sorted: the indices plus
+        the channels tied to them (:meth:`closure`). Raise ``ValueError`` naming ``param`` when they are out of
+        range, duplicated, leave fewer than ``min_size`` channels, cut any coupled module below its minimum
+        width, or break a grouped convolution's symmetry."""
         try:
             values = [int(i) for i in indices]
         except (TypeError, ValueError):
@@ -332,10 +362,18 @@ class ChannelGroup:
         unique = sorted(set(values))
         if len(unique) != len(values):
             raise ValueError(f"{param} for group {self.name!r} contains duplicates.")
+        if not self.rules.plain:
+            unique = self.closure(unique)  # what surgery really removes: check and count that
         if self.size - len(unique) < self.min_size:
             raise ValueError(
-                f"{param} would remove {len(unique)} of {self.size} channels of group {self.name!r}; at least "
-                f"{self.min_size} must remain."
+                f"{param} would remove {len(unique)} of {self.size} channels of group {self.name!r} (tied channels "
+                f"included); at least {self.min_size} must remain."
+            )
+        shortfalls = self.rules.shortfalls(unique)
+        if shortfalls:
+            raise ValueError(
+                f"{param} for group {self.name!r} would cut coupled modules below their minimum width: "
+                f"{'; '.join(shortfalls[:3])}. Remove fewer channels, or others (ChannelGroup.lowest respects this)."
             )
         if self.divisions > 1:
             chunk = self.size // self.divisions
@@ -356,7 +394,9 @@ class ChannelGroup:
 
     def lowest(self, scores: torch.Tensor, n_remove: int) -> list[int]:
         """The ``n_remove`` channels with the lowest scores, respecting grouped-conv chunks (ties: lower index
-        first, so the choice is deterministic on every rank). ``n_remove`` must be a multiple of ``divisions``."""
+        first, so the choice is deterministic on every rank). ``n_remove`` must be a multiple of ``divisions``.
+        In a group with tied channels or a narrow coupled member, at most ``n_remove`` channels, tied ones
+        included, such that every coupled module keeps its minimum width."""
         scores = torch.as_tensor(scores, dtype=torch.float64).flatten().cpu()
         if scores.numel() != self.size:
             raise ValueError(f"scores for group {self.name!r} have {scores.numel()} values, expected {self.size}")
@@ -366,7 +406,11 @@ class ChannelGroup:
             raise ValueError(f"n_remove={n_remove} must be a multiple of divisions={self.divisions}")
         per_chunk = scores.view(self.divisions, -1).mean(0)
         order = sorted(range(per_chunk.numel()), key=lambda i: (float(per_chunk[i]), i))
-        return self.expand_positions(order[: n_remove // self.divisions])
+        if self.rules.plain:
+            return self.expand_positions(order[: n_remove // self.divisions])
+        # Tied channels count as removed, and no coupled module may be cut below its minimum: fewer channels
+        # than asked may come back (the report counts what was really removed).
+        return self.rules.greedy((self.expand_positions([p]) for p in order), n_remove)
 
     def __repr__(self) -> str:
         return (
@@ -467,6 +511,7 @@ class DependencyGraph:
         self.ignored = self._resolve_ignore(ignore)
         #: groups taken out of ``groups`` by :meth:`exclude`, with the reason.
         self.excluded: dict[str, str] = {}
+        self.unprunable_widths: dict[str, tuple[int, int]] = {}
         self._tp: tp.DependencyGraph | None = None
         self._frozen_nodes: set = set()
         self._groups: list[ChannelGroup] | None = None
@@ -640,8 +685,6 @@ class DependencyGraph:
         for tp_group in tp_groups:
             if self.protect_outputs and self._reaches_output(tp_group):
                 continue
-            if any(item.dep.target.module in frozen_modules for item in tp_group):
-                continue
             members = self._members(tp_group)
             out_names = [m.module_name for m in members if m.kind == OUT]
             if not out_names:
@@ -649,6 +692,11 @@ class DependencyGraph:
             name = min(out_names, key=lambda n: self._order.get(n, len(self._order)))
             size = len(tp_group[0].idxs)
             root_dep = tp_group[0].dep
+            if any(item.dep.target.module in frozen_modules for item in tp_group):
+                self._record_unprunable(name, self._out_width(root_dep.target.module) or size)  # counts vs target
+                continue
+            if self._reject_mapping(name, tp_group, members, size):
+                continue
             record = self.plan.groups.get(name)
             original = record.original_size if record is not None else size
             groups.append(
@@ -659,10 +707,67 @@ class DependencyGraph:
                     members=members,
                     original_size=original,
                     root=(root_dep.target.module, root_dep.handler),
+                    probe=self._probe_removal,
                 )
             )
         groups.sort(key=lambda g: self._order.get(g.name, len(self._order)))
         return groups
+
+    @contextlib.contextmanager
+    def _probe_removal(self, root: tuple[nn.Module, Callable]) -> Iterator[Callable[[list[int]], list[GroupMember]]]:
+        """``probe(channels)``: the members (with positions) Torch-Pruning's surgery would cut for removing
+        ``channels`` of the group rooted at ``root``, without cutting anything (the dependency walk only). Inside
+        the block nothing changes the model, so the index mapping is derived once for all probes."""
+        with _tolerant_index_mapping(self._frozen_nodes), _index_mapping_updated_once():
+            yield lambda channels: self._members(self._tp.get_pruning_group(root[0], root[1], list(channels)))
+
+    def _reject_mapping(self, name: str, tp_group: Any, members: list[GroupMember], size: int) -> bool:
+        """Leave out a group whose index mapping cannot be right (Torch-Pruning 1.6 mis-maps some split/concat
+        patterns: res2net, dpn, CSP, mixnet), recording it in :attr:`unmappable` with the module and op named and
+        its width in :attr:`unprunable_widths`, so the target report counts it. Pruning it would fail or,
+        worse, remove the wrong channels."""
+        root = tp_group[0].dep.target.module
+        root_width = self._out_width(root) or size
+        ops = ops_crossed(tp_group)
+        problem = mapping_problem(members, root_width, size, ops) or tied_through_reshape(members, size, ops)
+        if problem is None:
+            return False
+        root_name = self._names.get(root, root)
+        self.unmappable[name] = f"UnsupportedModelError: group {name!r} (root {root_name!r}) is left unpruned: {problem}"
+        named = next((m.module for m in members if m.module_name == name), root)
+        self._record_unprunable(name, self._out_width(named) or root_width)
+        return True
+
+    def _out_width(self, module: nn.Module) -> int | None:
+        pruner = self._tp.get_pruner_of_module(module)
+        width = pruner.get_out_channels(module) if pruner is not None else None
+        return int(width) if width is not None else None
+
+    def _record_unprunable(self, name: str, width: int) -> None:
+        record = self.plan.groups.get(name)
+        self.unprunable_widths[name] = (record.original_size if record is not None else width, width)
+
+    def _widest_root(self, tp_group: Any) -> Any:
+        """The same group, rooted at its widest producer when Torch-Pruning rooted it at a narrower one (a ghost
+        block's depthwise "cheap" conv, whose 8 channels stand for 16 of the residual): channel numbers are then
+        positions of the widest tensor, so tied channels show up as such and every channel is counted."""
+        graph = self._tp
+        width = len(tp_group[0].idxs)
+        best, best_width = None, width
+        for item in tp_group:
+            module = item.dep.target.module
+            if not graph.is_out_channel_pruning_fn(item.dep.handler) or not isinstance(module, (_CONV, nn.Linear)):
+                continue
+            if isinstance(module, _CONV) and module.groups == module.out_channels and module.groups > 1:
+                continue
+            pruner = graph.get_pruner_of_module(module)
+            candidate = pruner.get_out_channels(module) if pruner is not None else None
+            if candidate is not None and candidate > best_width and len(set(item.idxs)) == candidate:
+                best, best_width = module, candidate
+        if best is None:
+            return tp_group
+        pruner = graph.get_pruner_of_module(best)
+        return graph.get_pruning_group(best, pruner.prune_out_channels, list(range(best_width)))
 
     def _tp_groups(self, root_types: list[type]) -> list:
         """Torch-Pruning's ``get_all_groups``, except that a root whose group cannot be mapped (it crosses an op
@@ -671,6 +776,10 @@ class DependencyGraph:
         visited: set[nn.Module] = set()
         ignored = set(self.ignored)
         self.unmappable: dict[str, str] = {}
+        #: ``(original, current)`` widths of the groups the library had to leave unpruned (unmappable or
+        #: excluded), which count against a channel target (:meth:`channel_sparsity`)
+        kept = getattr(self, "unprunable_widths", {})
+        self.unprunable_widths: dict[str, tuple[int, int]] = {n: w for n, w in kept.items() if n in self.excluded}
         result = []
         for module in list(graph.module2node):
             if module in ignored or module in visited or not isinstance(module, tuple(root_types)):
@@ -682,8 +791,11 @@ class DependencyGraph:
                 tp_group = graph.get_pruning_group(
                     module, pruner.prune_out_channels, list(range(pruner.get_out_channels(module)))
                 )
+                tp_group = self._widest_root(tp_group)
             except Exception as error:
-                self.unmappable[self._names.get(module, str(module))] = f"{type(error).__name__}: {error}"
+                name = self._names.get(module, str(module))
+                self.unmappable[name] = f"{type(error).__name__}: {error}"
+                self._record_unprunable(name, int(pruner.get_out_channels(module)))
                 visited.add(module)
                 continue
             prunable = True
@@ -787,20 +899,22 @@ class DependencyGraph:
             new_plan.record_removal(name, by_name[name].size, indices)
         new_plan.add_event(removed={name: len(ix) for name, ix in checked.items()}, **event_info)
 
-        snapshot = ModelSnapshot(self.model)
+        # Torch-Pruning's op records (concat/split sizes) are restored with the model, so a failed step needs no
+        # graph rebuild (one build per failure made exclusion probing cost a build per broken group).
+        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
         lineage = ParameterLineage()
         try:
             with lineage.recording(), torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes):
                 for name, indices in checked.items():
                     module, handler = by_name[name]._root
                     self._tp.get_pruning_group(module, handler, indices).prune()
+            self._check_widths({name: by_name[name].size - len(ix) for name, ix in checked.items()}, by_name)
             self._check_forward()
             replacements = lineage.replacements(self.model)
         except BaseException as error:
             # Any interruption (KeyboardInterrupt, SystemExit included) restores the exact previous model before
             # it propagates: nothing half-pruned can be used or checkpointed afterwards.
             snapshot.restore()
-            self._rebuild_after_failure()
             if not isinstance(error, Exception):
                 raise
             raise PruningError(
@@ -817,6 +931,21 @@ class DependencyGraph:
         """Whether the train-mode trace ran other modules than the eval-mode reference forward (auxiliary heads)."""
         return self.trace_mode == "train" and self._train_modules != self._eval_modules
 
+    def _check_widths(self, expected: Mapping[str, int], by_name: Mapping[str, ChannelGroup]) -> None:
+        """The plan and the report count what was really removed: a group whose root lost more (or fewer) channels
+        than planned, e.g. through channels tied in a way the mapping did not show, fails the step (and it is
+        rolled back) instead of being recorded wrongly."""
+        for name, width in expected.items():
+            module, _ = by_name[name]._root
+            actual = self._out_width(module)
+            if actual is not None and actual != width:
+                raise RuntimeError(f"group {name!r}: surgery left {actual} channels where {width} were planned "
+                                   "(channels tied to the removed ones were not accounted for)")
+        touched = {m.module for name in expected for m in by_name[name].members}
+        problems = shape_inconsistencies((self._names[m], m) for m in touched if m in self._names)
+        if problems:
+            raise RuntimeError(f"surgery left inconsistent modules: {'; '.join(sorted(problems)[:3])}")
+
     def _check_forward(self) -> None:
         """Run the pruned model in eval mode (it must work and keep the output shapes), and in train mode too when
         the model has mode-dependent branches (:attr:`has_mode_dependent_branches`): every module the train-mode
@@ -832,14 +961,6 @@ class DependencyGraph:
                 self.model.train()
                 self._forward(self.model, batch_of_at_least(self.example_inputs))
 
-    def _rebuild_after_failure(self) -> None:
-        # Torch-Pruning's op nodes (concat sizes, reshape info) may have been edited before the failure.
-        try:
-            self._build()
-        except Exception:
-            self._tp = None
-            self._groups = []
-
     def mask_targets(self, removals: Mapping[str | ChannelGroup, Iterable[int]]) -> list[tuple[torch.Tensor, tuple]]:
         """``(weight, index)`` pairs that :meth:`masked` zeroes: every consumer weight that reads the removed
         channels. Knowing them in advance tells a caller where in the network the change starts to matter."""
@@ -848,7 +969,8 @@ class DependencyGraph:
         for key, indices in removals.items():
             group = by_name[key.name if isinstance(key, ChannelGroup) else key]
             chosen = torch.zeros(group.size, dtype=torch.bool)
-            chosen[torch.as_tensor(list(indices), dtype=torch.long)] = True
+            # tied channels go with the ones asked for, as in surgery
+            chosen[torch.as_tensor(group.closure(indices), dtype=torch.long)] = True
             for member in group.consumers:
                 index = member.weight_index()
                 if index is None:
@@ -889,46 +1011,114 @@ class DependencyGraph:
         return {g.name: g.original_size for g in self.groups}
 
     # -- groups Torch-Pruning maps but whose removal breaks the model -------------------------------------------
-    def find_unprunable(self, names: Iterable[str] | None = None) -> dict[str, str]:
+    def find_unprunable(self, removals: Mapping[str, Iterable[int]] | Iterable[str] | None = None, *,
+                        deadline: EventDeadline | None = None) -> dict[str, str]:
         """Groups whose physical removal breaks the model although Torch-Pruning maps them (e.g. ViT's
         embedding width, which ``forward`` reshapes to a size stored in an attribute).
 
-        Each group (default: all) loses one channel position on a deep copy of the model, with the usual
-        forward checks; the groups whose surgery fails are returned as ``{name: reason}``. The model itself is
-        not touched. Costs one copy, one graph build, and per group one surgery and two forward passes (plus a
-        graph rebuild per failing group)."""
-        ignore_names = sorted({self._names[m] for m in self.ignored if m in self._names} - {""})
-        trial = DependencyGraph(
-            copy.deepcopy(self.model), self.example_inputs, ignore=ignore_names, trace_mode=self.trace_mode,
-            protect_outputs=self.protect_outputs, build_timeout=self.build_timeout,
-            max_build_memory_mb=self.max_build_memory_mb, plan=self.plan, customized_pruners=self.customized_pruners,
-            forward_fn=self.forward_fn,
-        )
-        wanted = [g.name for g in self.groups] if names is None else list(names)
+        ``removals`` maps group names to the channels the event will really remove, and those are what is probed
+        (a group may survive losing one channel and break at the real amount); given only names (default: all
+        groups), each loses one channel position. Probing works on one deep copy of the model with one graph
+        build: the candidates are removed together and, when that fails, bisected (each half probed, the copy
+        restored in place after every probe, no rebuild), so ``k`` broken groups among ``n`` cost about
+        ``2 k log2 n`` trial surgeries. Returns ``{name: reason}``; the model itself is not touched.
+        ``deadline`` (:class:`EventDeadline`) bounds the copy's build and the probing."""
+        deadline = deadline if deadline is not None else EventDeadline(None)
+        wanted = self._probe_removals(removals)
+        if not wanted:
+            return {}
+        trial = self._trial_copy(deadline)
         broken: dict[str, str] = {}
-        for name in wanted:
-            group = next((g for g in trial.groups if g.name == name), None)
-            if group is None or group.size - group.divisions < group.min_size:
-                continue
-            try:
-                trial.prune_groups({name: group.expand_positions([0])})
-            except PruningError as error:
-                broken[name] = str(error).split(": ", 1)[-1]
+        trial._bisect_broken(list(wanted), wanted, broken, deadline)
         return broken
+
+    def _probe_removals(self, removals: Mapping[str, Iterable[int]] | Iterable[str] | None) -> dict[str, list[int]]:
+        by_name = {g.name: g for g in self.groups}
+        if isinstance(removals, Mapping):
+            asked = {(k.name if isinstance(k, ChannelGroup) else k): list(v) for k, v in removals.items()}
+        else:  # names only: one channel position each (the smallest removal)
+            names = list(by_name) if removals is None else list(removals)
+            asked = {n: by_name[n].expand_positions([0]) for n in names if n in by_name}
+        wanted = {}
+        for name, indices in asked.items():
+            if name not in by_name:
+                continue
+            try:  # what surgery will really remove (tied channels included)
+                wanted[name] = by_name[name].validate_removal(indices)
+            except ValueError:
+                continue  # not a removal surgery would attempt
+        return {name: indices for name, indices in wanted.items() if indices}
+
+    def _trial_copy(self, deadline: EventDeadline) -> "DependencyGraph":
+        ignore_names = sorted({self._names[m] for m in self.ignored if m in self._names} - {""})
+        try:
+            return DependencyGraph(
+                copy.deepcopy(self.model), self.example_inputs, ignore=ignore_names, trace_mode=self.trace_mode,
+                protect_outputs=self.protect_outputs, build_timeout=deadline.bound(self.build_timeout),
+                max_build_memory_mb=self.max_build_memory_mb, plan=self.plan,
+                customized_pruners=self.customized_pruners, forward_fn=self.forward_fn,
+            )
+        except GraphBuildTimeout as error:
+            if deadline.expired():
+                raise deadline.error("building the copy of the graph that exclusion probing works on") from error
+            raise
+
+    def _bisect_broken(self, names: list[str], wanted: Mapping[str, list[int]], broken: dict[str, str],
+                       deadline: EventDeadline) -> None:
+        deadline.check(f"probing which of {len(wanted)} group(s) break the model")
+        reason = self._trial_surgery({name: wanted[name] for name in names})
+        if reason is None:
+            return
+        if len(names) == 1:
+            broken[names[0]] = reason
+            return
+        middle = len(names) // 2
+        for half in (names[:middle], names[middle:]):
+            self._bisect_broken(half, wanted, broken, deadline)
+
+    def _operations(self) -> list[nn.Module]:
+        """Torch-Pruning's op modules (concat, split, reshape...): outside the model, edited by surgery."""
+        return [m for m in self._tp.module2node if isinstance(m, nn.Module) and m not in self._names]
+
+    def _trial_surgery(self, removals: Mapping[str, list[int]]) -> str | None:
+        """Remove ``removals`` from this graph's model with the usual checks, then put everything back in place,
+        Torch-Pruning's own op records (concat/split sizes) included, so the next probe needs no rebuild. Returns
+        why the surgery failed, or None. Only for the throwaway copy of :meth:`find_unprunable`."""
+        by_name = {g.name: g for g in self.groups}
+        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
+        try:
+            with torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes):
+                for name, indices in removals.items():
+                    module, handler = by_name[name]._root
+                    self._tp.get_pruning_group(module, handler, indices).prune()
+            self._check_widths({name: by_name[name].size - len(ix) for name, ix in removals.items()}, by_name)
+            self._check_forward()
+            return None
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        finally:
+            snapshot.restore()
 
     def exclude(self, reasons: Mapping[str, str]) -> None:
         """Take groups out of :attr:`groups` for good (as if their producers were in ``ignore``); ``reasons``
         maps group names to why, kept in :attr:`excluded`."""
         for name, reason in reasons.items():
-            module, _ = self.group(name)._root
+            group = self.group(name)
+            module, _ = group._root
             self.ignored.update(module.modules())
             self.excluded[name] = reason
+            self.unprunable_widths[name] = (group.original_size, group.size)
         self._groups = None
 
-    def channel_sparsity(self) -> float:
-        """Fraction of the prunable channels (summed over groups) removed so far."""
-        original = sum(g.original_size for g in self.groups)
-        return 1.0 - sum(g.size for g in self.groups) / original if original else 0.0
+    def channel_sparsity(self, include_unprunable: bool = False) -> float:
+        """Fraction of the prunable channels (summed over groups) removed so far. With ``include_unprunable``,
+        the groups the library had to leave unpruned (:attr:`unprunable_widths`: excluded or unmappable) count
+        too, as unremoved channels: that is how a target is judged (groups the user ignored never count)."""
+        widths = [(g.original_size, g.size) for g in self.groups]
+        if include_unprunable:
+            widths += list(self.unprunable_widths.values())
+        original = sum(o for o, _ in widths)
+        return 1.0 - sum(c for _, c in widths) / original if original else 0.0
 
     def __repr__(self) -> str:
         return f"DependencyGraph({type(self.model).__name__}, groups={len(self.groups)}, trace_mode={self.trace_mode!r})"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -23,9 +23,11 @@ class ModelSnapshot:
     ``num_features``...). Torch-Pruning replaces tensors rather than editing them, so restoring the references
     restores the model."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, extra_modules: Iterable[nn.Module] = ()):
         self._modules = []
-        for module in model.modules():
+        # extra_modules: modules outside the model whose attributes surgery edits (Torch-Pruning's concat/split
+        # op records), so a trial surgery can be undone without rebuilding the graph
+        for module in list(model.modules()) + list(extra_modules):
             attributes = {
                 key: copy.copy(value) if isinstance(value, (list, dict, set)) else value
                 for key, value in vars(module).items()

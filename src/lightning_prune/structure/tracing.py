@@ -190,3 +190,41 @@ def output_shapes(output: Any) -> list[tuple[int, ...]]:
     if isinstance(output, (list, tuple)):
         return [s for x in output for s in output_shapes(x)]
     return []
+
+
+class EventDeadline:
+    """One time bound for a whole pruning event: graph build, exclusion probing and surgery all draw on it.
+
+    ``seconds=None`` disables it. :meth:`check` raises :class:`EventTimeoutError` naming ``event_timeout`` and the
+    stage reached; :meth:`bound` gives the seconds a bounded step (a graph build) may still take."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds
+        self._end = None if seconds is None else time.monotonic() + float(seconds)
+
+    def remaining(self) -> float | None:
+        return None if self._end is None else self._end - time.monotonic()
+
+    def expired(self) -> bool:
+        remaining = self.remaining()
+        return remaining is not None and remaining <= 0
+
+    def bound(self, other: float | None) -> float | None:
+        """The tighter of ``other`` (e.g. ``build_timeout``) and the time left (at least a millisecond)."""
+        remaining = self.remaining()
+        if remaining is None:
+            return other
+        remaining = max(remaining, 1e-3)
+        return remaining if other is None else min(other, remaining)
+
+    def error(self, stage: str) -> "EventTimeoutError":
+        from ..errors import EventTimeoutError
+
+        return EventTimeoutError(
+            f"event_timeout={self.seconds:g} s was reached while {stage}; the pruning event was stopped and the model "
+            "is unchanged. Raise event_timeout (seconds, or None for no bound), or add the slow blocks to ignore=."
+        )
+
+    def check(self, stage: str) -> None:
+        if self.expired():
+            raise self.error(stage)
