@@ -88,6 +88,9 @@ class PruneReport:
     predicted_latency_ms: float | None = None
     dense_latency_ms: float | None = None
     latency_ratio: float | None = None
+    #: latency target: one entry per plan/correction step of the event (budget, predicted and measured ms, the
+    #: measured cumulative ratio, the goal, the timed rounds)
+    latency_steps: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     @property
     def latency_reduction(self) -> float | None:
@@ -215,7 +218,8 @@ def prune_event(
                        stop_reason=ctx.stop_reason, latency_ratio=latency.ratio if latency is not None else None)
     latency_fields = {} if latency is None or target_kind != "latency" else dict(
         latency_before_ms=latency.before_ms, latency_after_ms=latency.after_ms,
-        predicted_latency_ms=latency.predicted_ms, dense_latency_ms=latency.dense_ms, latency_ratio=latency.ratio)
+        predicted_latency_ms=latency.predicted_ms, dense_latency_ms=latency.dense_ms, latency_ratio=latency.ratio,
+        latency_steps=list(latency.records))
     return PruneReport(
         flops_before=flops_before, flops_after=flops_after, params_before=params_before,
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
