@@ -70,6 +70,7 @@ def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, 
     row["dense_ms"] = dense_ms
     row["predicted_ratio"] = report.predicted_latency_ms / report.dense_latency_ms
     row["event_ratio"] = report.latency_ratio
+    row["event_steps"] = len(report.latency_steps)  # plan + corrections, each measured by the event
     row["met"] = row["latency_ratio"] <= (1 - target) * (1 + TOLERANCE)
     return row
 
@@ -81,17 +82,22 @@ def render(rows: list[dict], tables: dict, args: argparse.Namespace, started: st
              f"{args.rounds} rounds each); goal: latency ratio <= (1 - target) x 1.05.", "",
              "| model | batch | target | goal ratio | **latency target: measured ratio** | met | its FLOPs ratio | "
              "table predicted | event's own measurement | flops_reduction target: latency ratio | its FLOPs ratio | "
-             "dense ms | event s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "dense ms | event s | event steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['target']:.1f} | {1 - r['target']:.3f} | "
                      f"**{r['latency_ratio']:.3f}** | {'yes' if r['met'] else 'NO'} | {r['latency_flops_ratio']:.3f} | "
                      f"{r['predicted_ratio']:.3f} | {r['event_ratio']:.3f} | {r['flops_ratio']:.3f} | "
-                     f"{r['flops_flops_ratio']:.3f} | {r['dense_ms']:.1f} | {r['event_s']:.1f} |")
+                     f"{r['flops_flops_ratio']:.3f} | {r['dense_ms']:.1f} | {r['event_s']:.1f} | "
+                     f"{r.get('event_steps', '')} |")
     lines += ["", "Latency tables (built once per model, then read from the cache):", "",
-              "| model | layers in table | distinct layer timings | build s |", "|---|---|---|---|"]
+              "| model | layers in table | distinct layer timings (incl. round_to probes) | build s |", "|---|---|---|---|"]
     for name, t in tables.items():
         lines.append(f"| {name} | {t['layers']} | {t['timings']} | {t['build_s']:.1f} |")
+    import os
+
+    lines += ["", f"Load average at the last row ({datetime.datetime.utcnow():%H:%M} UTC): "
+              + ", ".join(f"{v:.2f}" for v in os.getloadavg())]
     return "\n".join(lines) + "\n"
 
 
