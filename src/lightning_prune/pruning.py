@@ -361,8 +361,8 @@ def prune(
             ``"layerwise"``), ``"global"`` (one score threshold across groups) or ``"sensitivity"`` (paper 2's
             FLOP-normalized sensitivity analysis; needs ``val_dataloader``). ``scope`` is an accepted older name.
         ignore: module names (or modules) whose output channels are never pruned.
-        round_to: keep widths multiples of this (e.g. 8) where possible; ``"auto"`` (latency targets): the
-            hardware-friendly step (8, or 16 for half/bf16 on CUDA).
+        round_to: keep widths multiples of this (e.g. 8) where possible; ``"auto"`` (latency targets): per group,
+            the step the latency table's measured kernels favour (16, 8, 4 or 1), else 8 (16 for half/bf16 on CUDA).
         max_group_sparsity: no group loses more than this fraction of its original width.
         dataloader: batches for data-driven criteria (``(x, y)`` tuples by default; see ``batch_fn``).
         scoring_batches: how many batches of ``dataloader`` data-driven criteria see (default: all).
