@@ -6,7 +6,7 @@ the L2 criterion, (a) ``latency_reduction=r`` and (b) ``flops_reduction=f`` for 
 variant is measured interleaved with the dense model (batch ``--batch``, one thread); FLOPs targeting's accuracy
 at the latency variant's measured ratio is interpolated linearly between the two nearest FLOPs variants.
 
-    python benchmarks/latency_accuracy.py --target 0.5
+    python benchmarks/latency_accuracy.py --target 0.5 --seeds 0 1 2
 
 Prints a Markdown table (and writes it to ``docs/benchmarks/latency_accuracy.md``).
 """
@@ -59,23 +59,11 @@ def accuracy(model, loader) -> float:
     return correct / total
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--target", type=float, default=0.5)
-    parser.add_argument("--flops", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--finetune", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "latency_accuracy.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    dm = DigitsDataModule(image_size=IMAGE, batch_size=64, seed=0)
-    dm.setup("fit")
-    dm.setup("test")
-    torch.manual_seed(0)
+def run_seed(args, seed: int, dm) -> list[dict]:
+    """Dense model and every variant for one seed (model init, training order and fine-tuning all seeded)."""
+    torch.manual_seed(seed)
     dense = create_model("resnet20", num_classes=10, in_channels=1)
-    train(dense, dm.train_dataloader(), args.epochs, 0.1, seed=0)
+    train(dense, dm.train_dataloader(), args.epochs, 0.1, seed=seed)
     dense.eval()
     x = torch.randn(args.batch, 1, IMAGE, IMAGE)
     example = x[:2]
@@ -85,33 +73,84 @@ def main(argv=None) -> None:
     variants = [("latency_reduction", args.target)] + [("flops_reduction", f) for f in args.flops]
     for kind, value in variants:
         model = copy.deepcopy(dense)
-        prune(model, example, "l2", latency_input=x if kind == "latency_reduction" else None,
-              latency_cache=cache if kind == "latency_reduction" else None, **{kind: value})
-        train(model, dm.train_dataloader(), args.finetune, 0.02, seed=1)
+        extra = dict(latency_input=x, latency_cache=cache, round_to=args.round_to) if kind == "latency_reduction" \
+            else {}
+        prune(model, example, args.criterion, **extra, **{kind: value})
+        train(model, dm.train_dataloader(), args.finetune, 0.02, seed=seed + 1)
         model.eval()
         dense_ms, ms = measure_ratio(dense, model, x, rounds=args.rounds)
         rows.append({"variant": f"{kind}={value}", "latency_ratio": ms / dense_ms,
                      "flops_ratio": count_flops(model, example[:1]) / dense_flops,
-                     "acc": accuracy(model, dm.test_dataloader())})
-        print(rows[-1], flush=True)
-    latency_row = rows[1]
+                     "acc": accuracy(model, dm.test_dataloader()), "seed": seed})
+        print(seed, rows[-1], flush=True)
+    return rows
+
+
+def interpolate(rows: list[dict]) -> float | None:
+    """FLOPs targeting's accuracy at the latency variant's measured ratio (linear between the two FLOPs variants
+    around it, ordered by measured latency)."""
+    at = rows[1]["latency_ratio"]
     flops_rows = sorted(rows[2:], key=lambda r: r["latency_ratio"])
-    at = latency_row["latency_ratio"]
-    interpolated = None
     for a, b in zip(flops_rows, flops_rows[1:]):
         if a["latency_ratio"] <= at <= b["latency_ratio"] and b["latency_ratio"] > a["latency_ratio"]:
             w = (at - a["latency_ratio"]) / (b["latency_ratio"] - a["latency_ratio"])
-            interpolated = a["acc"] + w * (b["acc"] - a["acc"])
+            return a["acc"] + w * (b["acc"] - a["acc"])
+    return None
+
+
+def _mean_std(values: list[float]) -> str:
+    import statistics
+
+    if not values:
+        return "n/a"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f} %"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", type=float, default=0.5)
+    parser.add_argument("--flops", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.75, 0.8, 0.85])
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--finetune", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--criterion", default="l2")
+    parser.add_argument("--round-to", dest="round_to", default=None,
+                        help="round_to of the latency variant (an integer or 'auto'; default None)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks" / "latency_accuracy.md"))
+    args = parser.parse_args(argv)
+    if args.round_to not in (None, "auto"):
+        args.round_to = int(args.round_to)
+    torch.set_num_threads(1)
+    machine = machine_description(1)
+    dm = DigitsDataModule(image_size=IMAGE, batch_size=64, seed=0)  # one fixed split: seeds vary the training
+    dm.setup("fit")
+    dm.setup("test")
     lines = ["# Accuracy at equal measured latency (digits, ResNet-20, CPU one thread)", "",
-             *machine_description(1), "",
-             f"Dense trained {args.epochs} epochs; each variant pruned one-shot (L2) and fine-tuned {args.finetune} "
-             f"epochs; latency at batch {args.batch}, {IMAGE}x{IMAGE}, interleaved with the dense model.", "",
-             "| variant | measured latency ratio | FLOPs ratio | test accuracy |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['latency_ratio']:.3f} | {r['flops_ratio']:.3f} | {100 * r['acc']:.2f} % |"
-              for r in rows]
-    lines += ["", f"FLOPs targeting interpolated at the latency variant's measured ratio {at:.3f}: "
-              + (f"{100 * interpolated:.2f} %" if interpolated is not None else "outside the FLOPs variants' range")
-              + f" vs latency targeting {100 * latency_row['acc']:.2f} %."]
+             f"`python benchmarks/latency_accuracy.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+             *machine, "",
+             f"Dense trained {args.epochs} epochs; each variant pruned one-shot ({args.criterion}) and fine-tuned "
+             f"{args.finetune} epochs; latency at batch {args.batch}, {IMAGE}x{IMAGE}, interleaved with the dense "
+             f"model. Seeds {args.seeds} (model init, data order, fine-tuning; the test split is fixed).", "",
+             "| seed | variant | measured latency ratio | FLOPs ratio | test accuracy |", "|---|---|---|---|---|"]
+    latency_acc, flops_acc, dense_acc = [], [], []
+    for seed in args.seeds:
+        rows = run_seed(args, seed, dm)
+        lines += [f"| {seed} | {r['variant']} | {r['latency_ratio']:.3f} | {r['flops_ratio']:.3f} | "
+                  f"{100 * r['acc']:.2f} % |" for r in rows]
+        dense_acc.append(rows[0]["acc"])
+        latency_acc.append(rows[1]["acc"])
+        at = interpolate(rows)
+        if at is not None:
+            flops_acc.append(at)
+        lines.append(f"| {seed} | FLOPs targeting interpolated at {rows[1]['latency_ratio']:.3f} | | | "
+                     + (f"{100 * at:.2f} % |" if at is not None else "outside the FLOPs variants' range |"))
+        write_results(Path(args.out), "\n".join(lines) + "\n")
+    lines += ["", f"Mean ± std over seeds: dense {_mean_std(dense_acc)}; latency_reduction={args.target} "
+              f"{_mean_std(latency_acc)}; FLOPs targeting at the same measured latency {_mean_std(flops_acc)} "
+              f"({len(flops_acc)} of {len(args.seeds)} seeds inside the FLOPs variants' latency range)."]
     text = "\n".join(lines) + "\n"
     write_results(Path(args.out), text)
     print(text)

@@ -18,6 +18,7 @@ Usage::
     python benchmarks/latency_target.py                          # all models, targets 0.3 and 0.5
     python benchmarks/latency_target.py --models resnet56 --targets 0.5 --rounds 10
     python benchmarks/latency_target.py --batch 2                # big models at a smaller batch
+    python benchmarks/latency_target.py --round-to auto          # the latency variant on the measured steps
 
 Writes Markdown to ``docs/benchmarks/latency_target.md`` (rows are appended as they finish).
 """
@@ -54,12 +55,14 @@ def build(name: str, classes: int) -> torch.nn.Module:
     return create_model(name, num_classes=classes).eval()
 
 
-def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, rounds: int, cache: str) -> dict:
+def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, rounds: int, cache: str,
+             round_to: int | str | None = None) -> dict:
     row = {"model": name, "batch": x.shape[0], "target": target}
     dense_flops = count_flops(dense, x[:1])
     latency_model = copy.deepcopy(dense)
     start = time.perf_counter()
-    report = prune(latency_model, x[:2], "l2", latency_reduction=target, latency_input=x, latency_cache=cache)
+    report = prune(latency_model, x[:2], "l2", latency_reduction=target, latency_input=x, latency_cache=cache,
+                   round_to=round_to)
     row["event_s"] = time.perf_counter() - start
     flops_model = copy.deepcopy(dense)
     prune(flops_model, x[:2], "l2", flops_reduction=target)
@@ -70,6 +73,7 @@ def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, 
     row["dense_ms"] = dense_ms
     row["predicted_ratio"] = report.predicted_latency_ms / report.dense_latency_ms
     row["event_ratio"] = report.latency_ratio
+    row["event_steps"] = len(report.latency_steps)  # plan + corrections, each measured by the event
     row["met"] = row["latency_ratio"] <= (1 - target) * (1 + TOLERANCE)
     return row
 
@@ -81,17 +85,22 @@ def render(rows: list[dict], tables: dict, args: argparse.Namespace, started: st
              f"{args.rounds} rounds each); goal: latency ratio <= (1 - target) x 1.05.", "",
              "| model | batch | target | goal ratio | **latency target: measured ratio** | met | its FLOPs ratio | "
              "table predicted | event's own measurement | flops_reduction target: latency ratio | its FLOPs ratio | "
-             "dense ms | event s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "dense ms | event s | event steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['target']:.1f} | {1 - r['target']:.3f} | "
                      f"**{r['latency_ratio']:.3f}** | {'yes' if r['met'] else 'NO'} | {r['latency_flops_ratio']:.3f} | "
                      f"{r['predicted_ratio']:.3f} | {r['event_ratio']:.3f} | {r['flops_ratio']:.3f} | "
-                     f"{r['flops_flops_ratio']:.3f} | {r['dense_ms']:.1f} | {r['event_s']:.1f} |")
+                     f"{r['flops_flops_ratio']:.3f} | {r['dense_ms']:.1f} | {r['event_s']:.1f} | "
+                     f"{r.get('event_steps', '')} |")
     lines += ["", "Latency tables (built once per model, then read from the cache):", "",
-              "| model | layers in table | distinct layer timings | build s |", "|---|---|---|---|"]
+              "| model | layers in table | distinct layer timings (incl. round_to probes) | build s |", "|---|---|---|---|"]
     for name, t in tables.items():
         lines.append(f"| {name} | {t['layers']} | {t['timings']} | {t['build_s']:.1f} |")
+    import os
+
+    lines += ["", f"Load average at the last row ({datetime.datetime.utcnow():%H:%M} UTC): "
+              + ", ".join(f"{v:.2f}" for v in os.getloadavg())]
     return "\n".join(lines) + "\n"
 
 
@@ -102,8 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--batch", type=int, default=None, help="override the batch of the 224x224 models")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--round-to", dest="round_to", default=None,
+                        help="round_to of the latency-target variant: an integer or 'auto' (default None)")
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     args = parser.parse_args(argv)
+    if args.round_to not in (None, "auto"):
+        args.round_to = int(args.round_to)
     torch.set_num_threads(args.threads)
     started = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
     machine = machine_description(args.threads)
@@ -119,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         tables[name] = {"layers": len(table.entries), "timings": table.timings, "build_s": table.build_s}
         for target in args.targets:
             t0 = time.perf_counter()
-            rows.append(run_case(name, dense, x, target, args.rounds, cache))
+            rows.append(run_case(name, dense, x, target, args.rounds, cache, args.round_to))
             print(f"[{name} {target}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
             write_results(Path(args.out), render(rows, tables, args, started, machine))
     print(render(rows, tables, args, started, machine))

@@ -11,12 +11,13 @@ import torch
 from torch import nn
 
 from lightning_prune import prune
-from lightning_prune.allocation.latency import plan_widths, resolve_target
+from lightning_prune.allocation.latency import auto_step, plan_widths, resolve_target
 from lightning_prune.callbacks import PruneCallback
 from lightning_prune.criteria.scoring import score_groups
 from lightning_prune import criteria
 from lightning_prune.structure import DependencyGraph
-from lightning_prune.structure.latency import LatencyModel, measure_latency, measure_ratio
+from lightning_prune.structure.latency import (STEP_OFFSETS, LatencyModel, interleaved_times, measure_latency,
+                                               measure_ratio, pair_ratio, step_from_timings)
 
 
 def small_cnn() -> nn.Module:
@@ -48,6 +49,10 @@ def test_measure_ratio_of_a_model_against_itself_is_near_one():
     model = small_cnn()
     a, b = measure_ratio(model, copy.deepcopy(model), BATCH, rounds=10)
     assert 0.5 < b / a < 2.0  # the same network: only noise separates them
+    times = interleaved_times(model, copy.deepcopy(model), BATCH, rounds=6)
+    assert len(times[0]) == len(times[1]) == 6 and all(t > 0 for t in times[0] + times[1])
+    assert 0.5 < pair_ratio(times) < 2.0
+    assert pair_ratio(([1.0, 2.0, 4.0], [2.0, 2.0, 40.0])) == 2.0  # median of per-round ratios: 2, 1, 10
 
 
 # -- the table --------------------------------------------------------------------------------------------------
@@ -96,14 +101,16 @@ def test_greedy_respects_max_group_sparsity_and_round_to(tmp_path):
     graph = DependencyGraph(model, BATCH[:2])
     table = LatencyModel.build(graph, BATCH, cache_dir=tmp_path)
     scores = score_groups(model, graph.groups, criteria.get("l2"))
+    cpu = torch.device("cpu")
     for round_to, sparsity in ((None, 0.5), (8, 0.7), ("auto", 0.9)):
         widths = plan_widths(graph, scores, table, 0.0, round_to=round_to, max_group_sparsity=sparsity,
-                             device=torch.device("cpu"), dtype=None)  # an unreachable budget: all the way down
+                             device=cpu, dtype=None)  # an unreachable budget: all the way down
         for group in graph.groups:
             width = widths[group.name]
             assert width >= group.original_size * (1 - sparsity) - 1e-9, (group.name, width)
-            if width < group.size and round_to is not None:
-                assert width % 8 == 0, (round_to, group.name, width)
+            step = 8 if round_to == 8 else auto_step(group, cpu, None, table) if round_to == "auto" else 1
+            if width < group.size:
+                assert width % step == 0, (round_to, group.name, width, step)
         assert table.predict(widths) < table.dense_ms
 
 
@@ -117,10 +124,107 @@ def test_prune_to_a_latency_target_reports_measured_and_predicted(tmp_path):
     assert report.latency_error is not None and abs(report.latency_error) < 1.0
     assert report.to_dict()["latency_reduction"] == pytest.approx(1 - report.latency_ratio)
     assert "Latency" in report.summary()
-    for name, width in report.widths_after.items():
-        if width < report.widths_before[name]:
-            assert width % 8 == 0  # auto: oneDNN-friendly steps on CPU
+    table = LatencyModel.build(DependencyGraph(small_cnn().eval(), BATCH[:2]), BATCH, cache_dir=tmp_path)
+    assert table.cached  # the event's table, from the disk cache
+    for group in DependencyGraph(small_cnn().eval(), BATCH[:2]).groups:  # dense groups: original widths
+        width = report.widths_after[group.name]
+        if width < group.size:  # auto: the step the table's probes favour (else the fixed 8)
+            assert width % auto_step(group, torch.device("cpu"), None, table) == 0, (group.name, width)
+    steps = report.latency_steps
+    assert steps and steps[0]["kind"] == "plan" and steps[-1]["measured_ratio"] == pytest.approx(report.latency_ratio)
+    assert all(s["goal_ratio"] == pytest.approx(0.6) and s["rounds"] >= 20 for s in steps)
     model(BATCH)  # still runs
+
+
+def test_event_corrects_a_table_that_promises_too_much_in_small_measured_steps(tmp_path):
+    """The real table of the small CNN, doctored in the disk cache to predict savings growing with the square of
+    the width removed (far more than the kernels give): the first plan prunes too little, the event measures it,
+    and corrects in steps that each lower the budget by a bounded fraction, until its own measurement meets the
+    goal or the steps run out; every step is reported."""
+    from lightning_prune.allocation.latency import AIM_MARGIN, MAX_CORRECTION, LatencyTarget, correction_factor
+
+    x = torch.randn(32, 3, 32, 32)
+    table = LatencyModel.build(DependencyGraph(small_cnn().eval(), x[:2]), x, cache_dir=tmp_path)
+    data = table.to_dict()
+    for e in data["entries"].values():
+        dense = e["ms"][-1][-1]
+        e["ms"] = [[dense * (i / e["in_points"][-1]) ** 3 * (o / e["out_points"][-1]) ** 3 for o in e["out_points"]]
+                   for i in e["in_points"]]
+    (tmp_path / f"{table.key}.json").write_text(json.dumps(data))
+    model = small_cnn()
+    report = prune(model, x[:2], latency_reduction=0.5, latency_input=x, latency_cache=str(tmp_path))
+    steps = report.latency_steps
+    assert 1 <= len(steps) <= LatencyTarget(x).max_calibrations + 1
+    assert [s["kind"] for s in steps] == ["plan"] + ["correction"] * (len(steps) - 1)
+    aim = 0.5 * (1 - AIM_MARGIN)
+    # The first plan goes half of the (log) way to the aim; each correction lowers the budget by the measured miss.
+    assert steps[0]["budget_ms"] == pytest.approx(table.dense_ms * correction_factor(aim, 1.0))
+    for before, after in zip(steps, steps[1:]):
+        assert before["measured_ratio"] > 0.5  # a correction follows a miss only
+        factor = correction_factor(aim, before["measured_ratio"])
+        assert after["budget_ms"] == pytest.approx(before["predicted_ms"] * factor)
+        far = factor ** 2 == pytest.approx(aim / before["measured_ratio"])
+        assert factor < 1 and (factor >= 1 - MAX_CORRECTION or far)
+    assert report.latency_ratio == pytest.approx(steps[-1]["measured_ratio"])
+    assert report.target_met == (report.latency_ratio <= 0.5 * 1.05)
+    # The doctored table predicts the first plan's latency far below what the event measured: it had to correct.
+    assert steps[0]["predicted_ms"] / table.dense_ms < steps[0]["measured_ratio"]
+    model(x)
+
+
+# -- round_to="auto": the step read from the measured table -------------------------------------------------------
+def _staircase(block: int, offsets=STEP_OFFSETS) -> list[float]:
+    """Time of a kernel that pads channels to blocks of ``block``: 64 channels minus each offset."""
+    return [float(-(-(64 - d) // block)) for d in offsets]
+
+
+def test_correction_steps_are_small_near_the_goal_and_halve_the_gap_far_from_it():
+    from lightning_prune.allocation.latency import MAX_CORRECTION, MIN_CORRECTION, correction_factor
+
+    assert correction_factor(0.50, 0.51) == pytest.approx(1 - MIN_CORRECTION)  # at least a minimal step
+    assert correction_factor(0.50, 0.52) == pytest.approx(0.50 / 0.52)  # the table's error, when small
+    assert correction_factor(0.50, 0.60) == pytest.approx(1 - MAX_CORRECTION)  # capped near the goal
+    assert correction_factor(0.50, 0.90) == pytest.approx((0.50 / 0.90) ** 0.5)  # far: half the way (log)
+
+
+def test_step_from_timings_reads_the_block_size():
+    assert step_from_timings(list(STEP_OFFSETS), _staircase(16)) == 16
+    assert step_from_timings(list(STEP_OFFSETS), _staircase(8)) == 8
+    assert step_from_timings(list(STEP_OFFSETS), _staircase(4)) == 4
+    proportional = [64.0 - d for d in STEP_OFFSETS]
+    assert step_from_timings(list(STEP_OFFSETS), proportional) == 1  # every width pays for itself
+    flat = [10.0, 10.01, 9.99, 10.0, 10.02, 9.98, 9.99]
+    assert step_from_timings(list(STEP_OFFSETS), flat) is None  # no evidence: the fixed rule decides
+    # A 16-wide group is probed down to 8 channels: steps up to 8.
+    assert step_from_timings([0, 1, 2, 4, 8], [2.0, 2.0, 2.0, 2.0, 1.0]) == 8
+
+
+def test_round_to_auto_uses_the_measured_table_steps(tmp_path):
+    """A real table of the small CNN: its groups of 32 and 64 channels are probed at widths a few channels apart;
+    auto_step follows those measurements (capped for narrow groups) and survives the checkpoint/cache round
+    trip; a table without probes (version 1) falls back to the fixed rule."""
+    model = small_cnn().eval()
+    graph = DependencyGraph(model, BATCH[:2])
+    table = LatencyModel.build(graph, BATCH, cache_dir=tmp_path)
+    cpu = torch.device("cpu")
+    assert set(table.steps) == {g.name for g in graph.groups}  # all groups are 32 or 64 wide
+    for group in graph.groups:
+        probe = table.steps[group.name]
+        assert probe["aligned"] == group.size and probe["offsets"] == list(STEP_OFFSETS)
+        assert len(probe["ms"]) == len(STEP_OFFSETS) and all(ms > 0 for ms in probe["ms"])
+        measured = step_from_timings(probe["offsets"], probe["ms"])
+        assert table.step(group.name) == measured
+        expected = 8 if measured is None else measured
+        while expected > 1 and group.original_size < (4 if measured is None else 2) * expected:
+            expected //= 2
+        assert auto_step(group, cpu, None, table) == expected
+    again = LatencyModel.from_dict(json.loads(json.dumps(table.to_dict())))
+    assert again.steps == table.steps
+    old = {k: v for k, v in table.to_dict().items() if k != "steps"}
+    old["version"] = 1
+    legacy = LatencyModel.from_dict(old)
+    assert all(legacy.step(g.name) is None and auto_step(g, cpu, None, legacy) == 8 for g in graph.groups)
+    assert auto_step(graph.groups[0], torch.device("cpu"), torch.bfloat16, legacy) == 8  # CPU: oneDNN blocks
 
 
 # -- arguments --------------------------------------------------------------------------------------------------

@@ -97,6 +97,9 @@ class PruneReport:
     #: ``{group: [original, current]}`` widths of the groups the library had to leave unpruned (excluded because
     #: their removal breaks the model, or unmappable); they count in :attr:`channel_sparsity` as unremoved
     unprunable_widths: dict[str, list[int]] = field(default_factory=dict)
+    #: latency target: one entry per plan/correction step of the event (budget, predicted and measured ms, the
+    #: measured cumulative ratio, the goal, the timed rounds)
+    latency_steps: list[dict[str, Any]] = field(repr=False, default_factory=list)
 
     @property
     def latency_reduction(self) -> float | None:
@@ -233,7 +236,8 @@ def prune_event(
                        stop_reason=ctx.stop_reason, latency_ratio=latency.ratio if latency is not None else None)
     latency_fields = {} if latency is None or target_kind != "latency" else dict(
         latency_before_ms=latency.before_ms, latency_after_ms=latency.after_ms,
-        predicted_latency_ms=latency.predicted_ms, dense_latency_ms=latency.dense_ms, latency_ratio=latency.ratio)
+        predicted_latency_ms=latency.predicted_ms, dense_latency_ms=latency.dense_ms, latency_ratio=latency.ratio,
+        latency_steps=list(latency.records))
     return PruneReport(
         flops_before=flops_before, flops_after=flops_after, params_before=params_before,
         params_after=count_params(model), widths_before=widths_before, widths_after=graph.widths(),
@@ -415,8 +419,8 @@ def prune(
             ``"layerwise"``), ``"global"`` (one score threshold across groups) or ``"sensitivity"`` (paper 2's
             FLOP-normalized sensitivity analysis; needs ``val_dataloader``). ``scope`` is an accepted older name.
         ignore: module names (or modules) whose output channels are never pruned.
-        round_to: keep widths multiples of this (e.g. 8) where possible; ``"auto"`` (latency targets): the
-            hardware-friendly step (8, or 16 for half/bf16 on CUDA).
+        round_to: keep widths multiples of this (e.g. 8) where possible; ``"auto"`` (latency targets): per group,
+            the step the latency table's measured kernels favour (16, 8, 4 or 1), else 8 (16 for half/bf16 on CUDA).
         max_group_sparsity: no group loses more than this fraction of its original width.
         dataloader: batches for data-driven criteria (``(x, y)`` tuples by default; see ``batch_fn``).
         scoring_batches: how many batches of ``dataloader`` data-driven criteria see (default: all).

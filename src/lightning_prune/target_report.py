@@ -43,7 +43,7 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
 
 def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float, round_to: int | None) -> str:
     causes = []
-    if round_to == "auto":  # the latency target's hardware steps (allocation.latency.auto_step): at most 8
+    if round_to == "auto":  # the latency target's steps (allocation.latency.auto_step): mostly 8, up to 16
         round_to = 8
     excluded = dict(getattr(graph, "excluded", {}) or {})
     unmappable = dict(getattr(graph, "unmappable", {}) or {})

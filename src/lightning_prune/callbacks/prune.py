@@ -74,8 +74,8 @@ class PruneCallback(Callback):
         start_epoch, end_epoch, steps: the events of a named schedule: ``steps`` epochs spread over
             ``[start_epoch, end_epoch]``.
         ignore: module names (relative to the LightningModule, e.g. ``"model.fc"``) never pruned.
-        round_to: keep widths multiples of this where possible; ``"auto"`` (latency targets only): 8, or 16 for
-            half/bf16 on CUDA.
+        round_to: keep widths multiples of this where possible; ``"auto"`` (latency targets only): per group, the
+            step the latency table's measured kernels favour (16, 8, 4 or 1), else 8, or 16 for half/bf16 on CUDA.
         max_group_sparsity: no group loses more than this fraction of its original width.
         scoring_batches: training batches data-driven criteria see per event (>= 1). No optimizer step happens
             while scoring; train/eval modes, gradients and the RNG are restored afterwards.

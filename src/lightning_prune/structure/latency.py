@@ -15,6 +15,10 @@ with ``t_l`` interpolated bilinearly in the table. Ops outside modules (residual
 are assumed to shrink like the timed layers; the allocation corrects what the table gets wrong by measuring
 (:mod:`lightning_prune.allocation.latency`). Tables are cached on disk, keyed by device, torch version, model
 structure, input shape and dtype.
+
+For ``round_to="auto"`` the table also times, per group, the heaviest layer writing it and the heaviest layer
+reading it at widths ``w - d`` for ``d`` in :data:`STEP_OFFSETS` below an aligned width ``w`` (``steps``);
+:func:`step_from_timings` reads from them the width step the kernels favour (see there).
 """
 from __future__ import annotations
 
@@ -34,7 +38,11 @@ from .flops import module_groups
 from .tracing import call_model, preserved_state
 
 GRID = (0.125, 0.25, 0.5, 0.75, 1.0)
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+#: channel offsets below an aligned width at which each group's heaviest layers are timed for ``round_to="auto"``
+STEP_OFFSETS = (0, 1, 2, 4, 8, 12, 16)
+#: the width steps ``round_to="auto"`` can read from those timings, widest first
+STEP_CANDIDATES = (16, 8, 4)
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.LeakyReLU, nn.Sigmoid,
                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Dropout)
 _TIMED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) + _ELEMENTWISE
@@ -113,6 +121,14 @@ def measure_ratio(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch
                   warmup: int = 3, rounds: int = 20) -> tuple[float, float]:
     """Median ms of ``first`` and ``second``, timed alternately (a, b, b, a, ...) so that a machine's changing load
     falls on both alike: their ratio is robust where absolute times are not."""
+    times = interleaved_times(first, second, inputs, dtype, warmup=warmup, rounds=rounds)
+    return float(statistics.median(times[0])), float(statistics.median(times[1]))
+
+
+def interleaved_times(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
+                      warmup: int = 3, rounds: int = 20) -> tuple[list[float], list[float]]:
+    """Per-round ms of ``first`` and ``second`` timed alternately (a, b, b, a, ...): round ``r``'s two samples ran
+    back to back, so ``second[r] / first[r]`` sees (nearly) the same machine load (see :func:`pair_ratio`)."""
     device = _first_device(inputs)
     times: tuple[list[float], list[float]] = ([], [])
     with preserved_state(first), preserved_state(second), torch.inference_mode(), \
@@ -129,7 +145,13 @@ def measure_ratio(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch
                 call_model(models[i], inputs)
                 _sync(device)
                 times[i].append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times[0])), float(statistics.median(times[1]))
+    return times
+
+
+def pair_ratio(times: tuple[list[float], list[float]]) -> float:
+    """Median over rounds of ``second / first`` from :func:`interleaved_times`. A load burst that slows one round
+    slows both of its samples, so the per-round ratio drops it where the ratio of two medians would not."""
+    return float(statistics.median(b / a for a, b in zip(*times) if a > 0))
 
 
 # -- the lookup table ---------------------------------------------------------------------------------------------
@@ -185,8 +207,11 @@ class LatencyModel:
     :meth:`from_dict` (checkpoints, DDP broadcast, the disk cache)."""
 
     def __init__(self, entries: dict[str, dict[str, Any]], dense_ms: float, dense_widths: Mapping[str, int],
-                 key: str = "", build_s: float = 0.0, timings: int = 0):
+                 key: str = "", build_s: float = 0.0, timings: int = 0,
+                 steps: Mapping[str, Mapping[str, Any]] | None = None):
         self.entries, self.dense_ms, self.key = entries, float(dense_ms), key
+        #: per group: ``{"widths": [...], "ms": [...], "layers": [...]}``, the step probes (see the module doc)
+        self.steps = dict(steps or {})
         self.dense_widths = dict(dense_widths)
         self.build_s, self.timings = build_s, timings
         self.by_group: dict[str, list[str]] = {}
@@ -222,16 +247,25 @@ class LatencyModel:
         """Whole-model milliseconds per table millisecond."""
         return self.dense_ms / self.dense_sum if self.dense_sum > 0 else 1.0
 
+    def step(self, group: str) -> int | None:
+        """The width step the measured kernels favour for ``group`` (:func:`step_from_timings` on its probes);
+        None where the table has no probes for it or they show no evidence."""
+        probe = self.steps.get(group)
+        if not probe:
+            return None
+        return step_from_timings(probe["offsets"], probe["ms"])
+
     # -- plain data --------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"version": TABLE_VERSION, "key": self.key, "dense_ms": self.dense_ms,
                 "dense_widths": dict(self.dense_widths), "entries": self.entries, "build_s": self.build_s,
-                "timings": self.timings}
+                "timings": self.timings, "steps": self.steps}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "LatencyModel":
+        # A version-1 table (no "steps") still predicts; round_to="auto" then falls back to the fixed rule.
         return cls(dict(data["entries"]), data["dense_ms"], data["dense_widths"], key=data.get("key", ""),
-                   build_s=data.get("build_s", 0.0), timings=data.get("timings", 0))
+                   build_s=data.get("build_s", 0.0), timings=data.get("timings", 0), steps=data.get("steps"))
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -272,8 +306,11 @@ class LatencyModel:
                 entries[name] = {"kind": layer["kind"], "config": layer["config"], "in_group": layer["in_group"],
                                  "out_group": layer["out_group"], "in_points": in_points, "out_points": out_points,
                                  "shape": layer["shape"], "ms": ms}
+            # More rounds than the grid: the probes compare widths a few channels apart.
+            steps = _probe_steps(layers, entries, device, timed, warmup, 2 * rounds, min_sample_ms)
         dense_ms = measure_latency(model, inputs, dtype, rounds=dense_rounds)
-        table = cls(entries, dense_ms, widths, key=key, build_s=time.perf_counter() - start, timings=len(timed))
+        table = cls(entries, dense_ms, widths, key=key, build_s=time.perf_counter() - start, timings=len(timed),
+                    steps=steps)
         table.cached = False
         if use_cache:
             try:
@@ -378,3 +415,93 @@ def _time_layer(layer: Mapping[str, Any], in_w: int, out_w: int, device: torch.d
         x = torch.randn(shape, device=device)
         timed[key] = time_calls(lambda: module(x), device, warmup=warmup, rounds=rounds, min_sample_ms=min_sample_ms)
     return timed[key]
+
+
+# -- width steps for round_to="auto" ------------------------------------------------------------------------------
+def _probe_steps(layers: Mapping[str, Mapping[str, Any]], entries: Mapping[str, Mapping[str, Any]],
+                 device: torch.device, timed: dict, warmup: int, rounds: int,
+                 min_sample_ms: float) -> dict[str, dict[str, Any]]:
+    """Per group at least 16 wide: the summed time of its heaviest writer (output width varied) and heaviest
+    reader (input width varied) at ``aligned - d`` channels, ``d`` in :data:`STEP_OFFSETS`, ``aligned`` the
+    group's width rounded down to a multiple of 16 (offsets up to half of it)."""
+    writers: dict[str, tuple[float, str]] = {}
+    readers: dict[str, tuple[float, str]] = {}
+    for name, e in entries.items():
+        if not (e["kind"].startswith("Conv") or e["kind"] == "Linear"):
+            continue
+        grouped = e["kind"].startswith("Conv") and e["config"]["groups"] > 1
+        if grouped and not e["config"]["groups"] == e["config"]["in"] == e["config"]["out"]:
+            continue  # a grouped (not depthwise) conv: its widths move in multiples of its groups
+        dense = e["ms"][-1][-1]
+        for group, best in ((e["out_group"], writers), (e["in_group"], readers)):
+            if group and dense > best.get(group, (-1.0, ""))[0]:
+                best[group] = (dense, name)
+    steps: dict[str, dict[str, Any]] = {}
+    done: dict[str, list[float]] = {}
+    for group in sorted(set(writers) | set(readers)):
+        names = [best[group][1] for best in (writers, readers) if group in best]
+        size = layers[names[0]]["out_size" if group in writers else "in_size"]
+        aligned = 16 * (size // 16)
+        if aligned < 16:
+            continue  # too narrow to tell steps apart: the narrow-group rule decides
+        offsets = [d for d in STEP_OFFSETS if d <= aligned // 2]  # a 16-wide group: probed down to 8 channels
+        names = list(dict.fromkeys(names))
+        # Identical layers (a ResNet stage's blocks) probe alike: time each distinct probe once.
+        signature = json.dumps([[layers[n]["kind"], layers[n]["config"], layers[n]["shape"],
+                                 layers[n]["in_group"] == group, layers[n]["out_group"] == group] for n in names],
+                               sort_keys=True, default=str)
+        if signature not in done:
+            # Timed in their own passes, forward then backward over the offsets, averaged: a grid timing reused
+            # from another moment (other load, clock) or a drift across the pass would otherwise read as a step.
+            passes = []
+            for index, order in enumerate((offsets, offsets[::-1])):
+                fresh: dict = {}
+                passes.append({d: sum(_time_probe(layers[n], group, aligned - d, device, fresh, warmup, rounds,
+                                                  min_sample_ms) for n in names) for d in order})
+                timed.update({("probe", index) + key: value for key, value in fresh.items()})  # counted
+            done[signature] = [(passes[0][d] + passes[1][d]) / 2 for d in offsets]
+        steps[group] = {"aligned": aligned, "offsets": offsets, "ms": done[signature], "layers": names}
+    return steps
+
+
+def _time_probe(layer: Mapping[str, Any], group: str, width: int, device: torch.device, timed: dict, warmup: int,
+                rounds: int, min_sample_ms: float) -> float:
+    """``layer`` timed with ``width`` channels on the side(s) belonging to ``group``, the other side dense."""
+    in_w = width if layer["in_group"] == group else layer["in_size"]
+    out_w = width if layer["out_group"] == group else layer["out_size"]
+    config = layer["config"]
+    if layer["kind"].startswith("Conv") and config["groups"] > 1:  # depthwise: in and out move together
+        in_w = out_w = width
+    return _time_layer(layer, in_w, out_w, device, timed, warmup, rounds, min_sample_ms)
+
+
+def step_from_timings(offsets: list[int], ms: list[float], *, min_saving: float = 0.03, stair: float = 0.8,
+                      noise: float = 0.02) -> int | None:
+    """The width step the timings favour: the widest step ``s`` in :data:`STEP_CANDIDATES` such that no width
+    *between* two multiples of ``s`` is worth its channels; 1 when every candidate has such a width (the kernels
+    do not favour a block size); None (no evidence: use the fixed rule) when removing all the probed channels
+    saves less than ``min_saving`` of the time, as noise would then decide.
+
+    ``ms[i]`` is the time at ``offsets[i]`` channels below an aligned width. An in-between width is worth its
+    channels when it realizes at least ``stair`` of the saving of the straight line between its two neighbouring
+    multiples of ``s`` (at or below that chord, it is as good a trade as the step) and at least ``noise`` of the
+    aligned time (a smaller difference is within timing noise). A kernel that pads channels to blocks (oneDNN's
+    8 or 16, tensor cores' 8) realizes nothing between blocks."""
+    t = dict(zip(offsets, ms))
+    span = max(offsets)
+    if t[0] <= 0 or t[0] - t[span] < min_saving * t[0]:
+        return None
+    for s in STEP_CANDIDATES:
+        if s > span or span % s:
+            continue
+        worth = False
+        for d in offsets:
+            upper = s * (d // s)  # the wider neighbouring multiple of s (offsets count channels removed)
+            if d == upper or upper + s not in t:
+                continue
+            line = (t[upper] - t[upper + s]) * (d - upper) / s
+            realized = t[upper] - t[d]
+            worth = worth or (realized >= stair * line and realized >= noise * t[0])
+        if not worth:
+            return s
+    return 1
