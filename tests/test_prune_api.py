@@ -150,3 +150,15 @@ def test_a_target_missed_because_of_round_to_says_so():
         report = lp.prune(model, x, criterion="l2", amount=0.3, round_to=8)
     assert not report.target_met
     assert all(width % 8 == 0 for width in report.widths_after.values())
+
+
+def test_a_missed_target_with_table_read_steps_names_round_to_auto():
+    from lightning_prune.structure import DependencyGraph
+    from lightning_prune.target_report import assess_target
+
+    model, x = resnet20(), torch.randn(2, 3, 32, 32)
+    graph = DependencyGraph(model, x)
+    met, reached, why = assess_target(graph, 0.3, "channels", flops_after=1.0, original_flops=1.0,
+                                      max_group_sparsity=0.9, round_to="auto")
+    assert not met and reached == 0.0
+    assert "block sizes the latency table measured (round_to='auto'" in why and "round_to=8" not in why

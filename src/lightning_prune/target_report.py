@@ -43,8 +43,9 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
 
 def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float, round_to: int | None) -> str:
     causes = []
-    if round_to == "auto":  # the latency target's steps (allocation.latency.auto_step): mostly 8, up to 16
-        round_to = 8
+    auto = round_to == "auto"  # per-group steps read from the latency table: no single floor to check here
+    if auto:
+        round_to = None
     excluded = dict(getattr(graph, "excluded", {}) or {})
     unmappable = dict(getattr(graph, "unmappable", {}) or {})
     frozen = list(getattr(graph, "frozen_ops", []) or [])
@@ -61,6 +62,9 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
             every = "every prunable group is" if len(by_sparsity) == len(groups) else \
                 f"{len(by_sparsity)} of {len(groups)} groups are"
             causes.append(f"max_group_sparsity={max_group_sparsity}: {every} at the minimum width it allows")
+        if auto:
+            causes.append("widths are kept on the block sizes the latency table measured (round_to='auto'; "
+                          "round_to=None reaches a target more closely)")
         if round_to:
             extra = f", {len(by_rounding)} group(s) at a floor rounded up to it" if by_rounding else ""
             causes.append(f"widths are rounded to multiples of round_to={round_to}{extra} (round_to=None reaches a "
