@@ -22,8 +22,7 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
     if target_kind == "channels":
         # Groups the library had to leave unpruned (excluded, unmappable) count as unremoved channels: a target
         # is not met by pruning only what was left.
-        unprunable = dict(getattr(graph, "unprunable_widths", {}) or {})
-        original = sum(g.original_size for g in groups) + sum(o for o, _ in unprunable.values())
+        original = _channel_totals(graph, groups)[1]
         reached = graph.channel_sparsity(include_unprunable=True)
         # One channel of slack: no removal lands closer when the target falls between two channel counts.
         met = target <= 0 or (bool(original) and reached >= target - 1.0 / original - 1e-9)
@@ -88,10 +87,15 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
     return "Capped by: " + "; ".join(causes) + "."
 
 
-def _unprunable_share(graph: Any, groups: list) -> float:
+def _channel_totals(graph: Any, groups: list) -> tuple[int, int]:
+    """``(original channels of the groups left unpruned, original channels of all groups)``."""
     unprunable = dict(getattr(graph, "unprunable_widths", {}) or {})
     held = sum(o for o, _ in unprunable.values())
-    total = held + sum(g.original_size for g in groups)
+    return held, held + sum(g.original_size for g in groups)
+
+
+def _unprunable_share(graph: Any, groups: list) -> float:
+    held, total = _channel_totals(graph, groups)
     return held / total if total else 0.0
 
 

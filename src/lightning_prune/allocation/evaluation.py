@@ -110,12 +110,13 @@ def _cannot_rank(name: str, counts: Mapping[str, int], seen: int, total: int, ke
     return len(others) >= keep and counts[name] + (total - seen) < others[keep - 1]
 
 
-def _progress(items: list, show: bool) -> Any:
+def _progress(items: list, show: bool, unit: str = "batch") -> Any:
+    """``items`` behind a tqdm bar when ``show`` (the sensitivity trials' bar: over batches or over trials)."""
     if not show or len(items) < 2:
         return items
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc="sensitivity trials", unit="batch", leave=False)
+    return tqdm(items, desc="sensitivity trials", unit=unit, leave=False)
 
 
 AUTOCAST_DTYPES = {"16-mixed": torch.float16, "16": torch.float16, "16-true": torch.float16,

@@ -17,18 +17,19 @@ optional ``on_step`` hook to fine-tune) until the measured fvcore FLOPs reductio
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from ..structure import DependencyGraph, FlopsModel
 from ..structure.tracing import preserved_state
-from .evaluation import LOCAL, AccuracyEvaluator, Collective
+from .evaluation import LOCAL, AccuracyEvaluator, Collective, _progress
 
 
 @dataclass
@@ -509,24 +510,15 @@ class _TrialRunner:
             return self._run_replayed(trial_removals, order)
         items = order + ([BASELINE] if self.allocator.baseline else [])
         mine = self.collective.shard(items) if self.split_groups else items
-        model = self.graph.model
         local: dict[str, tuple[float, float, bool]] = {}
-        with preserved_state(model), torch.no_grad():
-            model.eval()
-            self.collective.sync_buffers(model)
-            for name in self._progress(mine):
+        with self._measuring():
+            for name in _progress(mine, self._show_progress, unit="trial"):
                 removal = {name: trial_removals[name]} if name != BASELINE else {}
                 with self.graph.masked(removal):
                     if self.recalibrate is not None:
                         self.recalibrate()
                     local[name] = self._measure(name, local)
-        merged = local
-        if self.split_groups:
-            merged = {}
-            for part in self.collective.gather(local):
-                merged.update(part)
-        self.key = {name: value[0] for name, value in merged.items()}
-        return {name: (value[1], value[2]) for name, value in merged.items()}
+        return self._publish(self._merged(local))
 
     def _run_replayed(self, trial_removals: Mapping[str, list[int]], order: list[str]) -> dict[str, tuple[float, bool]]:
         """Every trial of this rank batch by batch after one unmasked pass, the common prefix replayed
@@ -537,23 +529,41 @@ class _TrialRunner:
                   for name in mine}
         changed = {name: [weight for weight, _ in targets[name]] for name in mine}
         keep = self.allocator.num_groups if self.allocator.early_exit else None
+        with self._measuring():
+            baseline, counts = self.evaluate.correct_trials(trials, changed, keep=keep,
+                                                            replay_mb=self.allocator.replay_mb,
+                                                            progress=self._show_progress)
+        total = self.evaluate.total
+        merged = self._merged({name: _ranked(correct, seen, total) for name, (correct, seen) in counts.items()})
+        merged[BASELINE] = _ranked(baseline, total, total)
+        return self._publish(merged)
+
+    @contextlib.contextmanager
+    def _measuring(self) -> Iterator[None]:
+        """Eval mode, no autograd and rank zero's buffers for the trials; every rank's own state back afterwards."""
         model = self.graph.model
         with preserved_state(model), torch.no_grad():
             model.eval()
             self.collective.sync_buffers(model)
-            baseline, counts = self.evaluate.correct_trials(
-                trials, changed, keep=keep, replay_mb=self.allocator.replay_mb,
-                progress=self.allocator.progress and self.collective.rank == 0)
-        total = self.evaluate.total
-        local = {name: _ranked(correct, seen, total) for name, (correct, seen) in counts.items()}
-        merged = local
-        if self.split_groups:
-            merged = {}
-            for part in self.collective.gather(local):
-                merged.update(part)
-        merged[BASELINE] = _ranked(baseline, total, total)
+            yield
+
+    def _merged(self, local: dict[str, tuple[float, float, bool]]) -> dict[str, tuple[float, float, bool]]:
+        """This rank's measurements, with every other rank's when the trials were split over them."""
+        if not self.split_groups:
+            return local
+        merged: dict[str, tuple[float, float, bool]] = {}
+        for part in self.collective.gather(local):
+            merged.update(part)
+        return merged
+
+    def _publish(self, merged: Mapping[str, tuple[float, float, bool]]) -> dict[str, tuple[float, bool]]:
+        """Keep the ranking keys in ``self.key``; return ``{name: (accuracy, exact)}``."""
         self.key = {name: value[0] for name, value in merged.items()}
         return {name: (value[1], value[2]) for name, value in merged.items()}
+
+    @property
+    def _show_progress(self) -> bool:
+        return self.allocator.progress and self.collective.rank == 0
 
     def _measure(self, name: str, done: Mapping[str, tuple[float, float, bool]]) -> tuple[float, float, bool]:
         """``(ranking key, accuracy, exact)``: the key is the integer correct count when counting."""
@@ -574,9 +584,3 @@ class _TrialRunner:
             return None
         return int(exact[self.allocator.num_groups - 1])
 
-    def _progress(self, names: list[str]) -> Any:
-        if not self.allocator.progress or self.collective.rank != 0 or len(names) < 2:
-            return names
-        from tqdm.auto import tqdm
-
-        return tqdm(names, desc="sensitivity trials", unit="trial", leave=False)
