@@ -18,11 +18,10 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
                   latency_ratio: float | None = None) -> tuple[bool, float, str | None]:
     """``(met, reached, why_not)``: ``reached`` is the channel sparsity (``target_kind="channels"``) or the FLOPs
     reduction vs the original model; ``why_not`` is None when met, else a sentence naming the caps."""
-    groups = graph.groups
     if target_kind == "channels":
         # Groups the library had to leave unpruned (excluded, unmappable) count as unremoved channels: a target
         # is not met by pruning only what was left.
-        original = _channel_totals(graph, groups)[1]
+        original = _channel_totals(graph)[1]
         reached = graph.channel_sparsity(include_unprunable=True)
         # One channel of slack: no removal lands closer when the target falls between two channel counts.
         met = target <= 0 or (bool(original) and reached >= target - 1.0 / original - 1e-9)
@@ -37,7 +36,7 @@ def assess_target(graph: Any, target: float, target_kind: str, *, flops_after: f
     if met:
         return True, reached, None
     return False, reached, f"The {target_kind} target {target:.1%} was reached only to {reached:.1%} (target_met=False). " + \
-        _caps(graph, groups, target_kind, max_group_sparsity, round_to)
+        _caps(graph, graph.groups, target_kind, max_group_sparsity, round_to)
 
 
 def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float, round_to: int | None) -> str:
@@ -74,7 +73,7 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
     if unmappable:
         causes.append(f"{len(unmappable)} group(s) unmappable (their channels cannot be followed through an op: "
                       f"{', '.join(sorted(unmappable)[:5])})")
-    share = _unprunable_share(graph, groups)
+    share = _unprunable_share(graph)
     if share:
         causes.append(f"the groups left unpruned hold {share:.1%} of the channels, and they count against the "
                       "target as unremoved")
@@ -87,15 +86,15 @@ def _caps(graph: Any, groups: list, target_kind: str, max_group_sparsity: float,
     return "Capped by: " + "; ".join(causes) + "."
 
 
-def _channel_totals(graph: Any, groups: list) -> tuple[int, int]:
+def _channel_totals(graph: Any) -> tuple[int, int]:
     """``(original channels of the groups left unpruned, original channels of all groups)``."""
     unprunable = dict(getattr(graph, "unprunable_widths", {}) or {})
     held = sum(o for o, _ in unprunable.values())
-    return held, held + sum(g.original_size for g in groups)
+    return held, held + sum(graph.original_widths().values())
 
 
-def _unprunable_share(graph: Any, groups: list) -> float:
-    held, total = _channel_totals(graph, groups)
+def _unprunable_share(graph: Any) -> float:
+    held, total = _channel_totals(graph)
     return held / total if total else 0.0
 
 

@@ -18,10 +18,9 @@ class NormCriterion(Criterion):
     def score(self, group: ChannelGroup) -> torch.Tensor:
         per_member = []
         for member in group.producers:
-            rows = member.weight_rows()
-            if rows is None:
+            norms = member.row_norms(self.p)
+            if norms is None:
                 continue
-            norms = rows.to(torch.float64).norm(p=self.p, dim=1)
             per_member.append(scatter_to_channels(member, norms, group.size))
         if not per_member:
             raise ValueError(f"{self.name}: group {group.name!r} has no producer with weights")

@@ -1,7 +1,9 @@
-"""FLOPs and parameter counts, measured with fvcore.
+"""FLOPs and parameter counts, fvcore's definition.
 
 fvcore counts one fused multiply-add as one flop (so its "FLOPs" are what many papers call MACs); reductions
-reported by lightning-prune are ratios of fvcore counts and therefore unaffected by that convention.
+reported by lightning-prune are ratios of fvcore counts and therefore unaffected by that convention. The count
+applies fvcore's rules during an eager forward (:mod:`.flop_counting`) and runs fvcore's own JIT trace only where
+that cannot be exact.
 """
 from __future__ import annotations
 
@@ -9,12 +11,18 @@ import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from .flop_counting import FvcoreRules
 from .tracing import first_sample, preserved_state
+
+log = logging.getLogger(__name__)
+#: ``count_flops(backend=...)``: "auto" applies fvcore's rules in an eager forward (fvcore's trace where they cannot
+#: be exact); "fvcore" always traces with fvcore.
+FLOP_BACKENDS = ("auto", "fvcore")
 
 
 def _flop_count_analysis() -> type:
@@ -36,20 +44,50 @@ class ModelCost:
     params: int
 
 
-def count_flops(model: nn.Module, example_inputs: Any, *, per_module: bool = False) -> int | dict[str, int]:
+def count_flops(model: nn.Module, example_inputs: Any, *, per_module: bool = False,
+                backend: str = "auto") -> int | dict[str, int]:
     """fvcore FLOPs of one sample (the first of ``example_inputs``), counted in eval mode.
 
     fvcore counts one multiply-add as one flop. The model's train/eval flags, buffers and RNG are restored
     afterwards, so counting can happen in the middle of training. With ``per_module=True`` returns fvcore's
-    ``by_module()`` dict (``""`` is the total).
+    ``by_module()`` dict (``""`` is the total). ``backend="auto"`` applies fvcore's rules during one eager forward
+    and traces with fvcore only when the forward calls something those rules cannot count exactly;
+    ``backend="fvcore"`` always traces.
     """
-    FlopCountAnalysis = _flop_count_analysis()
+    if backend not in FLOP_BACKENDS:
+        raise ValueError(f"backend must be one of {FLOP_BACKENDS}, got {backend!r}")
+    inputs = _positional_sample(example_inputs)
+    if backend == "auto":
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            counted = counting_flops(model, lambda: model(*inputs))
+        if counted is not None:
+            return counted if per_module else counted[""]
+    return _fvcore_count(model, inputs, per_module)
 
+
+def _positional_sample(example_inputs: Any) -> tuple:
     inputs = first_sample(example_inputs)
     if isinstance(inputs, dict):
         raise TypeError("count_flops: fvcore needs positional example_inputs (a tensor or a tuple of tensors)")
-    if not isinstance(inputs, tuple):
-        inputs = (inputs,)
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def counting_flops(model: nn.Module, forward: Callable[[], Any]) -> dict[str, int] | None:
+    """Run ``forward()`` once, applying fvcore's rules to what it computes: fvcore's ``by_module()`` counts for
+    that forward, or None when they cannot be reproduced exactly (then count with fvcore). Exceptions of the
+    forward propagate."""
+    rules = FvcoreRules(model)
+    with rules.active():
+        forward()
+    counted = rules.result()
+    if counted is None:
+        log.debug("FLOPs of %s are counted with fvcore's trace: %s", type(model).__name__, rules.unverified)
+    return counted
+
+
+def _fvcore_count(model: nn.Module, inputs: tuple, per_module: bool) -> int | dict[str, int]:
+    FlopCountAnalysis = _flop_count_analysis()
     fvcore_logger = logging.getLogger("fvcore")
     level = fvcore_logger.level
     fvcore_logger.setLevel(logging.ERROR)
@@ -74,9 +112,31 @@ def measure(model: nn.Module, example_inputs: Any) -> ModelCost:
 def _shape_key(model: nn.Module, example_inputs: Any) -> tuple:
     """What fvcore's count depends on that surgery can change: every parameter's and buffer's name and shape
     (and which inputs are counted)."""
-    return (id(example_inputs),
-            tuple((name, tuple(t.shape)) for name, t in model.named_parameters()),
-            tuple((name, tuple(t.shape)) for name, t in model.named_buffers()))
+    # One walk over the modules (named_parameters/named_buffers walk them with a generator per module).
+    shapes = []
+    for name, module in model.named_modules():
+        for tensors in (module._parameters, module._buffers):
+            for key, tensor in tensors.items():
+                if tensor is not None:
+                    shapes.append((name, key, tuple(tensor.shape)))
+    return id(example_inputs), tuple(shapes)
+
+
+def counts_one_sample(example_inputs: Any) -> bool:
+    """Whether a forward on ``example_inputs`` computes what :func:`count_flops` counts: positional inputs (a
+    tensor or a tuple) whose tensors hold one sample each."""
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if type(example_inputs) is not tuple:
+        return False
+    return all(not isinstance(x, torch.Tensor) or x.dim() == 0 or x.shape[0] == 1 for x in example_inputs)
+
+
+def remember_flops(graph: Any, per_module: dict[str, int] | None) -> None:
+    """Keep fvcore's per-module counts of ``graph.model`` as it is now, counted during a forward the graph made
+    anyway (:func:`counting_flops`), for the :class:`FlopsModel` of the next event."""
+    if per_module is not None:
+        graph._flops_count_cache = (_shape_key(graph.model, graph.example_inputs), per_module)
 
 
 def _cached_per_module_count(graph: Any, example_inputs: Any) -> dict[str, int]:

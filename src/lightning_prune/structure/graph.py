@@ -36,7 +36,7 @@ from ..errors import (
     check_mapping,
     check_number,
 )
-from .flops import observing_widths
+from .flops import counting_flops, counts_one_sample, observing_widths, remember_flops
 from .mapping import RemovalRules, mapping_problem, ops_crossed, shape_inconsistencies, tied_through_reshape
 from .plan import PruningPlan
 from .surgery import ModelSnapshot, ParameterLineage, Slicing
@@ -244,6 +244,27 @@ class GroupMember:
             return (rows, (p % in_per_group)[:, None].expand_as(rows))
         return None
 
+    def row_norms(self, p: float) -> torch.Tensor | None:
+        """``‖rows‖_p`` of :meth:`weight_rows` in float64, without copying the rows out when each position is
+        one whole row of the weight (a producer's filters): the norms of all rows are taken, then indexed."""
+        index = self.weight_index()
+        if index is None:
+            return None
+        if len(index) != 1:
+            return self.weight_rows().to(torch.float64).norm(p=p, dim=1)
+        weight = self.module.weight.detach()
+        norms = torch.linalg.vector_norm(weight.reshape(weight.shape[0], -1), ord=p, dim=1, dtype=torch.float64)
+        try:
+            return norms[index[0]]
+        except IndexError as error:
+            raise self._outside(weight, error) from error
+
+    def _outside(self, weight: torch.Tensor, error: IndexError) -> UnsupportedModelError:
+        """A mis-mapped group must never surface as a bare IndexError."""
+        return UnsupportedModelError(
+            f"module {self.module_name!r} ({type(self.module).__name__}): the channel index mapping points "
+            f"outside its weight {tuple(weight.shape)} ({error}); add it to ignore= to leave it unpruned.")
+
     def weight_rows(self) -> torch.Tensor | None:
         """The member's weights for each position, flattened: shape ``[len(positions), d]`` (detached)."""
         index = self.weight_index()
@@ -252,11 +273,8 @@ class GroupMember:
         weight = self.module.weight.detach()
         try:
             return weight[index].reshape(len(self.positions), -1)
-        except IndexError as error:  # a mis-mapped group must never surface as a bare IndexError
-            raise UnsupportedModelError(
-                f"module {self.module_name!r} ({type(self.module).__name__}): the channel index mapping points "
-                f"outside its weight {tuple(weight.shape)} ({error}); add it to ignore= to leave it unpruned."
-            ) from error
+        except IndexError as error:
+            raise self._outside(weight, error) from error
 
 
 class ChannelGroup:
@@ -404,8 +422,8 @@ class ChannelGroup:
             return []
         if n_remove % self.divisions:
             raise ValueError(f"n_remove={n_remove} must be a multiple of divisions={self.divisions}")
-        per_chunk = scores.view(self.divisions, -1).mean(0)
-        order = sorted(range(per_chunk.numel()), key=lambda i: (float(per_chunk[i]), i))
+        per_chunk = scores.view(self.divisions, -1).mean(0).tolist()
+        order = sorted(range(len(per_chunk)), key=lambda i: (per_chunk[i], i))
         if self.rules.plain:
             return self.expand_positions(order[: n_remove // self.divisions])
         # Tied channels count as removed, and no coupled module may be cut below its minimum: fewer channels
@@ -515,6 +533,7 @@ class DependencyGraph:
         self._tp: tp.DependencyGraph | None = None
         self._frozen_nodes: set = set()
         self._groups: list[ChannelGroup] | None = None
+        self._sizes_after: tuple[PruningPlan, dict[str, tuple[int, int]]] | None = None  # see _group_sizes
         self._reference_shapes: list[tuple[int, ...]] | None = None  # set by the first, bounded, build
         # Modules run by the eval-mode reference forward and by the train-mode trace: when they differ the model
         # has mode-dependent branches (GoogLeNet/Inception auxiliary heads) and the check after surgery runs a
@@ -575,15 +594,27 @@ class DependencyGraph:
         return self.forward_fn(model, inputs) if self.forward_fn is not None else call_model(model, inputs)
 
     def _output_shapes(self) -> list[tuple[int, ...]]:
+        """The eval-mode reference forward: output shapes for the checks after surgery, the modules it runs, the
+        widths :class:`FlopsModel` derives counts from and, when it is exactly what fvcore would count, the FLOPs
+        (then the prune event never traces with fvcore)."""
+        shapes: list[tuple[int, ...]] = []
+
+        def forward() -> None:
+            shapes.extend(output_shapes(self._forward(self.model, self.example_inputs)))
+
         with preserved_state(self.model), torch.no_grad(), _modules_called(self._eval_modules), \
                 observing_widths(self):
             self.model.eval()
             try:
-                return output_shapes(self._forward(self.model, self.example_inputs))
+                if counts_one_sample(self.example_inputs) and self.forward_fn is None:
+                    remember_flops(self, counting_flops(self.model, forward))
+                else:
+                    forward()
             except Exception as error:
                 raise UnsupportedModelError(
                     f"example_inputs: the model's forward failed on them ({type(error).__name__}: {error})."
                 ) from error
+        return shapes
 
     def _build(self) -> None:
         start = time.perf_counter()
@@ -924,6 +955,8 @@ class DependencyGraph:
 
         self.plan = new_plan
         self._groups = None
+        self._sizes_after = (new_plan, {g.name: (g.original_size, g.size - len(checked.get(g.name, ())))
+                                        for g in by_name.values()})
         return SurgeryResult(checked, replacements, time.perf_counter() - start)
 
     @property
@@ -1005,10 +1038,19 @@ class DependencyGraph:
 
     # -- reporting ---------------------------------------------------------------------------------------------
     def widths(self) -> dict[str, int]:
-        return {g.name: g.size for g in self.groups}
+        return {name: size for name, (_, size) in self._group_sizes().items()}
 
     def original_widths(self) -> dict[str, int]:
-        return {g.name: g.original_size for g in self.groups}
+        return {name: original for name, (original, _) in self._group_sizes().items()}
+
+    def _group_sizes(self) -> dict[str, tuple[int, int]]:
+        """``{name: (original_size, size)}`` of every group. Right after a surgery they are the groups before it
+        less what it removed (surgery checked every root's width), so a one-shot event reports without walking
+        Torch-Pruning's graph a third time; the next access to :attr:`groups` collects them anew. Keyed on the
+        plan object, which every surgery replaces and every rollback puts back."""
+        if self._groups is None and self._sizes_after is not None and self._sizes_after[0] is self.plan:
+            return dict(self._sizes_after[1])
+        return {g.name: (g.original_size, g.size) for g in self.groups}
 
     # -- groups Torch-Pruning maps but whose removal breaks the model -------------------------------------------
     def find_unprunable(self, removals: Mapping[str, Iterable[int]] | Iterable[str] | None = None, *,
@@ -1114,7 +1156,7 @@ class DependencyGraph:
         """Fraction of the prunable channels (summed over groups) removed so far. With ``include_unprunable``,
         the groups the library had to leave unpruned (:attr:`unprunable_widths`: excluded or unmappable) count
         too, as unremoved channels: that is how a target is judged (groups the user ignored never count)."""
-        widths = [(g.original_size, g.size) for g in self.groups]
+        widths = list(self._group_sizes().values())
         if include_unprunable:
             widths += list(self.unprunable_widths.values())
         original = sum(o for o, _ in widths)

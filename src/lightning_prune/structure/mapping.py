@@ -53,6 +53,8 @@ def _key(member: Any) -> tuple[int, str]:
 def tied_classes(members: Sequence[Any], size: int) -> list[int]:
     """``classes[c]``: the smallest channel tied to channel ``c`` (channels sharing a position of any member are
     removed together, transitively). All ``classes[c] == c`` for an ordinary group."""
+    if not listing_shape(members, size)[0]:
+        return list(range(size))
     parent = list(range(size))
 
     def find(c: int) -> int:
@@ -72,6 +74,28 @@ def tied_classes(members: Sequence[Any], size: int) -> list[int]:
             if a != b:
                 parent[max(a, b)] = min(a, b)
     return [find(c) for c in range(size)]
+
+
+def listing_shape(members: Sequence[Any], size: int) -> tuple[bool, bool]:
+    """``(ties, complete)``: whether some position of some member carries two different channels, and whether
+    every member lists every channel of the group. Vectorized: the union-find of :func:`tied_classes` and the
+    narrow-member search run only for groups that are not ``(False, True)``, the ordinary case."""
+    by_key: dict[tuple[int, str], list[Any]] = {}
+    for member in members:
+        by_key.setdefault(_key(member), []).append(member)
+    complete = True
+    for same in by_key.values():
+        if any(m.positions.numel() != m.channels.numel() for m in same):
+            return True, False  # the union-find pairs them as zip() does
+        positions = torch.cat([m.positions.reshape(-1).long() for m in same])
+        channels = torch.cat([m.channels.reshape(-1).long() for m in same])
+        keep = (channels >= 0) & (channels < size)
+        positions, channels = positions[keep], channels[keep]
+        complete = complete and torch.unique(channels).numel() == size
+        distinct = torch.unique(positions).numel()
+        if distinct != positions.numel() and torch.unique(positions * (size + 1) + channels).numel() != distinct:
+            return True, complete
+    return False, complete
 
 
 def removed_positions(members: Sequence[Any], removed: Iterable[int]) -> dict[tuple[int, str], set[int]]:
@@ -188,8 +212,9 @@ class RemovalRules:
     def __init__(self, members: Sequence[Any], size: int, min_size: int,
                  probe: Callable[[list[int]], Sequence[Any]] | None = None, root: Any = None):
         self.members, self.size, self.min_size = members, size, min_size
-        self.classes = tied_classes(members, size)
-        self.at_risk = self._members_at_risk()
+        ties, complete = listing_shape(members, size)
+        self.classes = tied_classes(members, size) if ties else list(range(size))
+        self.at_risk = [] if complete and not ties else self._members_at_risk()  # every member has every channel
         self.plain = self.classes == list(range(size)) and not self.at_risk
         # class root -> {member key: positions it removes}; filled by probing, or from the listing
         self._lost: dict[int, dict[tuple[int, str], set[int]]] = {}
