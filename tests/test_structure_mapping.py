@@ -290,7 +290,8 @@ def test_probing_finds_groups_that_break_at_the_real_amount_with_one_graph_build
     assert graph.find_unprunable(list(removals)) == {}  # one channel each breaks nothing
     builds = []
     original = DependencyGraph._trace_on
-    monkeypatch.setattr(DependencyGraph, "_trace_on", lambda self, inputs: builds.append(1) or original(self, inputs))
+    monkeypatch.setattr(DependencyGraph, "_trace_on",
+                        lambda self, inputs, **kwargs: builds.append(1) or original(self, inputs, **kwargs))
     before = copy.deepcopy(model.state_dict())
     broken = graph.find_unprunable(removals)
     assert set(broken) == {"convs.1.0", "convs.4.0"} and "needs at least 6" in broken["convs.1.0"]

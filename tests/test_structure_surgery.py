@@ -437,17 +437,19 @@ def test_grouped_conv_needs_symmetric_indices():
 
 
 class TrainOnlyFailure(nn.Module):
-    """Runs in eval mode, but its train-mode forward cannot be traced (a data-dependent Python branch)."""
+    """Runs in eval mode, but its train-mode forward, which runs an auxiliary head (so the graph needs a train-mode
+    trace), cannot be traced (a data-dependent Python branch)."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.bn = nn.BatchNorm2d(4)
         self.head = nn.Conv2d(4, 2, 1)
+        self.aux = nn.Conv2d(4, 2, 1)
 
     def forward(self, x):
         y = self.bn(self.conv(x))
-        if self.training and bool((y.abs().sum() > 0).item()):
+        if self.training and bool((self.aux(y).abs().sum() > 0).item()):
             raise RuntimeError("training branch is not supported")
         return self.head(y)
 

@@ -478,9 +478,11 @@ class DependencyGraph:
         example_inputs: a tensor, tuple (positional arguments) or dict (keyword arguments) to trace with.
         ignore: module names (or modules) whose output channels must never be pruned; every group with such a
             module among its producers is left out. A name covers the module and everything inside it.
-        trace_mode: ``"train"`` (default) traces a train-mode forward so branches that only run in training
-            (GoogLeNet/Inception auxiliary heads) are part of the graph; BatchNorm statistics and the RNG are
-            restored afterwards. ``"eval"`` traces an eval-mode forward, like plain Torch-Pruning.
+        trace_mode: ``"train"`` (default): the graph covers every module a train-mode forward runs. An eval-mode
+            trace is made first; when it leaves modules with parameters unrun (GoogLeNet/Inception auxiliary
+            heads, which run in training only) a train-mode trace follows and its graph is used. BatchNorm
+            statistics and the RNG are restored afterwards. ``"eval"``: the eval-mode trace only, like plain
+            Torch-Pruning.
         protect_outputs: never prune groups that would change the shape of the model's outputs (the
             classifier); set False only if you mean it.
         build_timeout: seconds allowed for tracing and grouping before :class:`GraphBuildTimeout`; ``None``
@@ -535,11 +537,11 @@ class DependencyGraph:
         self._groups: list[ChannelGroup] | None = None
         self._sizes_after: tuple[PruningPlan, dict[str, tuple[int, int]]] | None = None  # see _group_sizes
         self._reference_shapes: list[tuple[int, ...]] | None = None  # set by the first, bounded, build
-        # Modules run by the eval-mode reference forward and by the train-mode trace: when they differ the model
-        # has mode-dependent branches (GoogLeNet/Inception auxiliary heads) and the check after surgery runs a
-        # train-mode forward too.
+        # Modules run by the eval-mode trace and by the train-mode trace (when one was needed): when they differ
+        # the model has mode-dependent branches (GoogLeNet/Inception auxiliary heads) and the check after surgery
+        # runs a train-mode forward too.
         self._eval_modules: set[nn.Module] = set()
-        self._train_modules: set[nn.Module] = set()
+        self._train_modules: set[nn.Module] | None = None  # None: no train-mode trace was needed
         self.build_seconds = 0.0
         self._build()
         self._check_plan()
@@ -593,79 +595,83 @@ class DependencyGraph:
     def _forward(self, model: nn.Module, inputs: Any) -> Any:
         return self.forward_fn(model, inputs) if self.forward_fn is not None else call_model(model, inputs)
 
-    def _output_shapes(self) -> list[tuple[int, ...]]:
-        """The eval-mode reference forward: output shapes for the checks after surgery, the modules it runs, the
-        widths :class:`FlopsModel` derives counts from and, when it is exactly what fvcore would count, the FLOPs
-        (then the prune event never traces with fvcore)."""
-        shapes: list[tuple[int, ...]] = []
-
-        def forward() -> None:
-            shapes.extend(output_shapes(self._forward(self.model, self.example_inputs)))
-
-        with preserved_state(self.model), torch.no_grad(), _modules_called(self._eval_modules), \
-                observing_widths(self):
-            self.model.eval()
-            try:
-                if counts_one_sample(self.example_inputs) and self.forward_fn is None:
-                    remember_flops(self, counting_flops(self.model, forward))
-                else:
-                    forward()
-            except Exception as error:
-                raise UnsupportedModelError(
-                    f"example_inputs: the model's forward failed on them ({type(error).__name__}: {error})."
-                ) from error
-        return shapes
-
     def _build(self) -> None:
         start = time.perf_counter()
-        model_name = type(self.model).__name__
-
-        def build() -> None:
-            if self._reference_shapes is None:  # the reference forward counts against the same bound
-                self._reference_shapes = self._output_shapes()
-            self._trace()
-
         run_bounded(
-            build,
-            what=f"Building the dependency graph of {model_name}",
+            self._trace,
+            what=f"Building the dependency graph of {type(self.model).__name__}",
             timeout_s=self.build_timeout,
             max_memory_mb=self.max_build_memory_mb,
         )
         self.build_seconds = time.perf_counter() - start
 
     def _trace(self) -> None:
-        # A train-mode trace runs on the example batch as given (one image costs Torch-Pruning's memory); only
-        # when train-mode BatchNorm rejects a batch of one (a 1x1 feature map) is it repeated to two images.
+        """Trace in eval mode; with ``trace_mode="train"`` trace again in train mode only when the eval forward left
+        modules with parameters unrun (GoogLeNet/Inception auxiliary heads), so the graph covers them too.
+
+        The eval-mode trace is also the reference forward: the output shapes the checks after surgery compare
+        with, the modules it runs, the widths :class:`FlopsModel` derives counts from and, when it is exactly
+        what fvcore would count, the FLOPs. One forward serves Torch-Pruning and the event (a separate
+        reference forward and fvcore's own trace cost two more)."""
+        if self._reference_shapes is None:
+            self._reference_shapes = self._trace_on(self.example_inputs, train=False)
+        else:
+            self._trace_on(self.example_inputs, train=False)
+        self._train_modules = None
+        if self.trace_mode == "train" and self._unrun_in_eval():
+            self._trace_in_train_mode()
+        self.groups  # group now, inside the time bound
+
+    def _unrun_in_eval(self) -> bool:
+        return any(module._parameters and module not in self._eval_modules for module in self.model.modules())
+
+    def _trace_in_train_mode(self) -> None:
+        # The example batch as given (one image costs Torch-Pruning's memory); only when train-mode BatchNorm
+        # rejects a batch of one (a 1x1 feature map) is it repeated to two images.
+        self._train_modules = set()
         try:
-            self._trace_on(self.example_inputs)
+            self._trace_on(self.example_inputs, train=True)
         except UnsupportedModelError as error:
-            doubled = batch_of_at_least(self.example_inputs) if self.trace_mode == "train" else self.example_inputs
+            doubled = batch_of_at_least(self.example_inputs)
             if doubled is self.example_inputs or "Expected more than 1 value per channel" not in str(error):
                 raise
-            self._trace_on(doubled)
+            self._trace_on(doubled, train=True)
 
-    def _trace_on(self, inputs: Any) -> None:
+    def _trace_on(self, inputs: Any, *, train: bool) -> list[tuple[int, ...]]:
+        """Build Torch-Pruning's graph from one forward in the given mode; returns the output shapes."""
         graph = tp.DependencyGraph()
-        trace_mode = self.trace_mode
+        shapes: list[tuple[int, ...]] = []
+        failed: list[BaseException] = []
+
+        count = not train and counts_one_sample(inputs) and self.forward_fn is None
 
         def forward(model: nn.Module, x: Any) -> Any:
-            model.train(trace_mode == "train")  # Torch-Pruning calls model.eval() before this
-            return self._forward(model, x)
+            model.train(train)  # Torch-Pruning calls model.eval() before this
+            out: list[Any] = []
+            try:
+                if count:
+                    remember_flops(self, counting_flops(model, lambda: out.append(self._forward(model, x))))
+                else:
+                    out.append(self._forward(model, x))
+            except Exception as error:
+                failed.append(error)
+                raise
+            shapes.extend(output_shapes(out[0]))
+            return out[0]
 
         self._frozen_nodes = set()
-        self._train_modules = set()
-        called = self._train_modules if trace_mode == "train" else set()
+        called = self._train_modules if train else self._eval_modules
         with preserved_state(self.model), torch.enable_grad(), all_requiring_grad(self.model), \
-                _tolerant_index_mapping(self._frozen_nodes), _modules_called(called):
+                _tolerant_index_mapping(self._frozen_nodes), _modules_called(called), \
+                (contextlib.nullcontext() if train else observing_widths(self)):
             try:
-                graph.build_dependency(
-                    self.model,
-                    example_inputs=inputs,
-                    forward_fn=forward,
-                    customized_pruners=self.customized_pruners or None,
-                    verbose=False,
-                )
+                graph.build_dependency(self.model, example_inputs=inputs, forward_fn=forward,
+                                       customized_pruners=self.customized_pruners or None, verbose=False)
             except Exception as error:
+                if failed and error is failed[0] and not train:
+                    raise UnsupportedModelError(
+                        f"example_inputs: the model's forward failed on them ({type(error).__name__}: {error})."
+                    ) from error
                 raise UnsupportedModelError(
                     f"Torch-Pruning could not trace {type(self.model).__name__}: {type(error).__name__}: {error}"
                 ) from error
@@ -679,7 +685,7 @@ class DependencyGraph:
             for node in graph.module2node.values()
             if isinstance(node.module, tp.ops._ElementWiseOp) and node.module._grad_fn == "Unknown"
         )
-        self.groups  # group now, inside the time bound
+        return shapes
 
     @property
     def frozen_ops(self) -> list[str]:
@@ -962,7 +968,7 @@ class DependencyGraph:
     @property
     def has_mode_dependent_branches(self) -> bool:
         """Whether the train-mode trace ran other modules than the eval-mode reference forward (auxiliary heads)."""
-        return self.trace_mode == "train" and self._train_modules != self._eval_modules
+        return self._train_modules is not None and self._train_modules != self._eval_modules
 
     def _check_widths(self, expected: Mapping[str, int], by_name: Mapping[str, ChannelGroup]) -> None:
         """The plan and the report count what was really removed: a group whose root lost more (or fewer) channels
