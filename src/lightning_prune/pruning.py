@@ -290,6 +290,9 @@ def _run_within(deadline: EventDeadline, graph: DependencyGraph, removed: dict[s
                 run: Callable[[], Any]) -> None:
     """Run the allocation; when ``event_timeout`` stops it after some surgeries of this event, put the model and
     the graph back as they were at the event's start (a timed-out event changes nothing)."""
+    if deadline.seconds is None:  # nothing can stop it midway: surgery itself is atomic
+        run()
+        return
     snapshot, plan = ModelSnapshot(graph.model, extra_modules=graph._operations()), graph.plan.copy()
     try:
         run()

@@ -84,7 +84,10 @@ def listing_shape(members: Sequence[Any], size: int) -> tuple[bool, bool]:
     for member in members:
         by_key.setdefault(_key(member), []).append(member)
     complete = True
+    identity = torch.arange(size)
     for same in by_key.values():
+        if len(same) == 1 and torch.equal(same[0].positions, identity) and torch.equal(same[0].channels, identity):
+            continue  # the ordinary member: position c carries channel c, for every c
         if any(m.positions.numel() != m.channels.numel() for m in same):
             return True, False  # the union-find pairs them as zip() does
         positions = torch.cat([m.positions.reshape(-1).long() for m in same])
@@ -222,8 +225,9 @@ class RemovalRules:
         if not self.plain and probe is not None and root is not None and self._hidden_ties(probe):
             self._probe_all(probe, root)
         self._tied: dict[int, list[int]] = {}
-        for channel, first in enumerate(self.classes):
-            self._tied.setdefault(first, []).append(channel)
+        if not self.plain:  # a plain group ties every channel to itself alone (closure() needs no table)
+            for channel, first in enumerate(self.classes):
+                self._tied.setdefault(first, []).append(channel)
 
     def _hidden_ties(self, probe: Callable[[list[int]], Sequence[Any]]) -> bool:
         """Whether removing the channels a narrow member does *not* list still cuts it (one probe per member):
@@ -277,6 +281,8 @@ class RemovalRules:
 
     def closure(self, indices: Iterable[int]) -> list[int]:
         """``indices`` with every channel tied to them: what surgery really removes."""
+        if self.plain:
+            return sorted({int(i) for i in indices})
         return sorted({c for i in indices for c in self._tied[self.classes[int(i)]]})
 
     def shortfalls(self, removed: Iterable[int]) -> list[str]:
