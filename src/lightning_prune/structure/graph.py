@@ -39,7 +39,7 @@ from ..errors import (
 from .flops import counting_flops, counts_one_sample, observing_widths, remember_flops
 from .mapping import RemovalRules, mapping_problem, ops_crossed, shape_inconsistencies, tied_through_reshape
 from .plan import PruningPlan
-from .surgery import ModelSnapshot, ParameterLineage, Slicing
+from .surgery import ModelSnapshot, ParameterLineage, Slicing, index_tensor
 from .tracing import (
     EventDeadline,
     all_requiring_grad,
@@ -859,8 +859,8 @@ class DependencyGraph:
                     module_name=name,
                     module=module,
                     kind=kind,
-                    positions=torch.as_tensor(list(item.idxs), dtype=torch.long),
-                    channels=torch.as_tensor(list(item.root_idxs), dtype=torch.long),
+                    positions=index_tensor(item.idxs),
+                    channels=index_tensor(item.root_idxs),
                 )
             )
         return members

@@ -8,6 +8,7 @@ so an event's surgery holds about one pruned copy of the model, not one per slic
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import copy
 from dataclasses import dataclass, field
@@ -16,6 +17,17 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 from torch_pruning.pruner import function as tp_function
+
+
+def index_tensor(values: Iterable[int]) -> torch.Tensor:
+    """A long tensor of Python ints (Torch-Pruning's index lists), through a C array: half the time of
+    ``torch.as_tensor(list)``, which matters for the thousands of index lists of one event."""
+    values = list(values)
+    try:
+        buffer = array.array("q", values)
+    except TypeError:  # not plain ints (numpy or tensor scalars)
+        return torch.as_tensor(values, dtype=torch.long)
+    return torch.frombuffer(buffer, dtype=torch.long) if len(buffer) else torch.empty(0, dtype=torch.long)
 
 
 class ModelSnapshot:
@@ -96,7 +108,7 @@ class ParameterLineage:
             tp_function.BasePruningFunc._prune_parameter_and_grad = original
 
     def _record(self, weight: torch.Tensor, new: torch.Tensor, keep_idxs, pruning_dim: int) -> None:
-        kept = torch.as_tensor(list(keep_idxs), dtype=torch.long)
+        kept = index_tensor(keep_idxs)
         entry = self._origin.pop(id(weight), None)
         if entry is None:  # an original parameter (the snapshot holds it anyway): it is the root
             root, steps = weight, []
