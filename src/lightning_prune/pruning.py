@@ -224,6 +224,7 @@ def prune_event(
         apply=_surgeon(graph, removed, before_surgery, on_surgery, event_info, deadline),
         exclude=lambda removals: exclude_breaking_groups(graph, removals, deadline), evaluate=evaluate,
         collective=collective, recalibrator=recalibrator, sensitivity=dict(sensitivity or {}), latency=latency,
+        flops_model=dense,
     )
     strategy = get_strategy("latency" if target_kind == "latency" else allocation)
     strategy.check(ctx)

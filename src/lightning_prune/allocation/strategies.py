@@ -55,6 +55,8 @@ class AllocationContext:
     sensitivity: Mapping[str, Any] = field(default_factory=dict)
     #: a latency target (``allocation.latency.LatencyTarget``) when ``target_kind == "latency"``
     latency: Any = None
+    #: the event's FlopsModel of the model at the event's start (built once per event, shared)
+    flops_model: FlopsModel | None = None
     #: filled by the strategy: one record per sensitivity round, and why it stopped short of the target
     records: list[dict[str, Any]] = field(default_factory=list)
     stop_reason: str | None = None
@@ -184,7 +186,7 @@ class ThresholdAllocation(AllocationStrategy):
                              "(one-shot prune) or give the trainer a validation dataloader (callback).")
 
     def run(self, ctx: AllocationContext) -> bool:
-        flops_model = FlopsModel(ctx.graph, ctx.example_inputs)
+        flops_model = ctx.flops_model or FlopsModel(ctx.graph, ctx.example_inputs)
         scores = ctx.score()
         met = False
 
