@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torchvision
 from torch import nn
 
 import lightning_prune as lp
@@ -368,3 +369,19 @@ def test_groups_through_a_frozen_op_count_against_a_channel_target():
     graph.prune_groups({"conv2.0": [0, 1, 2, 3]})
     assert graph.channel_sparsity() == pytest.approx(0.5)  # over the prunable groups (what allocation aims at)
     assert graph.channel_sparsity(include_unprunable=True) == pytest.approx(4 / 16)
+
+
+def test_a_cycle_of_views_is_cut_instead_of_exhausting_memory():
+    """Swin V2: Torch-Pruning's reshape mapping multiplies the attention heads' channel indices around a cycle of
+    views (3 -> 96 -> 3,072 -> 98,304 -> ...) until memory runs out. The growth is stopped at four times the widest
+    layer: that group is left unpruned, naming the cycle, and the rest of the model is pruned, in seconds."""
+    torch.manual_seed(0)
+    model = torchvision.models.swin_v2_t(num_classes=10)
+    x = torch.randn(1, 3, 64, 64)
+    graph = DependencyGraph(model, x, build_timeout=60, max_build_memory_mb=4096)
+    assert graph.groups
+    assert any("a cycle of views" in reason for reason in graph.unmappable.values())
+    report = lp.prune(model, x, criterion="l2", amount=0.5)
+    assert report.removed and report.params_after < report.params_before
+    assert model.eval()(x).shape == (1, 10)
+    assert model.train()(torch.randn(2, 3, 64, 64)).shape == (2, 10)

@@ -147,13 +147,39 @@ def _index_mapping_updated_once() -> Iterator[None]:
         tp_index_mapping.update_index_mapping = original
 
 
+def index_cap(model: nn.Module) -> int:
+    """Four times the widest channel axis of any layer: no channel index set that a layer can read is larger.
+    Torch-Pruning's reshape mapping multiplies indices by the merged dimensions at every pass through a view;
+    around a cycle of views (Swin V2's heads x head-dim reshapes, fed back through the continuous position bias)
+    it multiplies them without end (3 -> 96 -> 3,072 -> 98,304 -> 3,145,728 ... until memory runs out)."""
+    widths = [1]
+    for m in model.modules():
+        if isinstance(m, _CONV):
+            widths += [m.in_channels, m.out_channels]
+        elif isinstance(m, nn.Linear):
+            widths += [m.in_features, m.out_features]
+        elif isinstance(m, nn.Embedding):
+            widths.append(m.embedding_dim)
+        elif isinstance(m, _NORM) and isinstance(getattr(m, "weight", None), torch.Tensor):
+            widths.append(m.weight.numel())
+    return 4 * max(widths)
+
+
 @contextlib.contextmanager
-def _tolerant_index_mapping(frozen: set) -> Any:
+def _tolerant_index_mapping(frozen: set, cap: int | None = None) -> Any:
     """Let Torch-Pruning skip ops whose channel index mapping it cannot work out instead of failing the whole
     model (ShuffleNet's channel shuffle is a view/transpose/view that crashes its reshape inference).
     Such op nodes are collected in ``frozen`` and made unmappable: every group that passes through one fails
-    to build and is left unpruned, while the rest of the model stays prunable."""
+    to build and is left unpruned, while the rest of the model stays prunable. A reshape mapping that would
+    produce more than ``cap`` channel indices (:func:`index_cap`) stops its group the same way."""
     originals = {name: getattr(tp_index_mapping, name) for name in _INDEX_MAPPING_UPDATERS}
+    flatten = tp_index_mapping._FlattenIndexMapping.__call__
+
+    def bounded_flatten(mapping: Any, idxs: Any) -> Any:
+        if cap is not None and not mapping.reverse and len(idxs) * mapping._stride > cap:
+            raise _UnmappableOp(f"channel indices through a reshape would grow to {len(idxs) * mapping._stride}, "
+                                f"beyond any layer's width ({cap // 4}): a cycle of views")
+        return flatten(mapping, idxs)
 
     def tolerant(update):
         def run(graph, node):
@@ -168,11 +194,13 @@ def _tolerant_index_mapping(frozen: set) -> Any:
 
     for name, update in originals.items():
         setattr(tp_index_mapping, name, tolerant(update))
+    tp_index_mapping._FlattenIndexMapping.__call__ = bounded_flatten
     try:
         yield
     finally:
         for name, update in originals.items():
             setattr(tp_index_mapping, name, update)
+        tp_index_mapping._FlattenIndexMapping.__call__ = flatten
 
 
 @dataclass(frozen=True, eq=False)
@@ -527,6 +555,7 @@ class DependencyGraph:
         self.forward_fn = forward_fn
         self.plan = PruningPlan.from_dict(plan)
         self._names = {module: name for name, module in model.named_modules()}
+        self._index_cap = index_cap(model)
         self._order = {name: i for i, name in enumerate(self._names.values())}
         self.ignored = self._resolve_ignore(ignore)
         #: groups taken out of ``groups`` by :meth:`exclude`, with the reason.
@@ -662,7 +691,7 @@ class DependencyGraph:
         self._frozen_nodes = set()
         called = self._train_modules if train else self._eval_modules
         with preserved_state(self.model), torch.enable_grad(), all_requiring_grad(self.model), \
-                _tolerant_index_mapping(self._frozen_nodes), _modules_called(called), \
+                _tolerant_index_mapping(self._frozen_nodes, self._index_cap), _modules_called(called), \
                 (contextlib.nullcontext() if train else observing_widths(self)):
             try:
                 graph.build_dependency(self.model, example_inputs=inputs, forward_fn=forward,
@@ -716,7 +745,7 @@ class DependencyGraph:
         assert graph is not None
         groups: list[ChannelGroup] = []
         root_types = [_CONV, nn.Linear]
-        with _tolerant_index_mapping(self._frozen_nodes), _index_mapping_updated_once():
+        with _tolerant_index_mapping(self._frozen_nodes, self._index_cap), _index_mapping_updated_once():
             tp_groups = self._tp_groups(root_types)
         frozen_modules = {node.module for node in self._frozen_nodes}
         for tp_group in tp_groups:
@@ -755,7 +784,7 @@ class DependencyGraph:
         """``probe(channels)``: the members (with positions) Torch-Pruning's surgery would cut for removing
         ``channels`` of the group rooted at ``root``, without cutting anything (the dependency walk only). Inside
         the block nothing changes the model, so the index mapping is derived once for all probes."""
-        with _tolerant_index_mapping(self._frozen_nodes), _index_mapping_updated_once():
+        with _tolerant_index_mapping(self._frozen_nodes, self._index_cap), _index_mapping_updated_once():
             yield lambda channels: self._members(self._tp.get_pruning_group(root[0], root[1], list(channels)))
 
     def _reject_mapping(self, name: str, tp_group: Any, members: list[GroupMember], size: int) -> bool:
@@ -941,7 +970,7 @@ class DependencyGraph:
         snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
         lineage = ParameterLineage()
         try:
-            with lineage.recording(), torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes):
+            with lineage.recording(), torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes, self._index_cap):
                 for name, indices in checked.items():
                     module, handler = by_name[name]._root
                     self._tp.get_pruning_group(module, handler, indices).prune()
@@ -1135,7 +1164,7 @@ class DependencyGraph:
         by_name = {g.name: g for g in self.groups}
         snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
         try:
-            with torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes):
+            with torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes, self._index_cap):
                 for name, indices in removals.items():
                     module, handler = by_name[name]._root
                     self._tp.get_pruning_group(module, handler, indices).prune()
