@@ -46,3 +46,20 @@ def trained_digits():
     xs, ys = zip(*data.val_dataloader())
     x, y = torch.cat(xs), torch.cat(ys)
     return model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]
+
+
+@pytest.fixture
+def fvcore_analyses(monkeypatch):
+    """How many fvcore analyses are created (the real FlopCountAnalysis, counted): ``["n"]``."""
+    import fvcore.nn
+
+    counts = {"n": 0}
+    original = fvcore.nn.FlopCountAnalysis
+
+    class Counted(original):
+        def __init__(self, *args, **kwargs):
+            counts["n"] += 1
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(fvcore.nn, "FlopCountAnalysis", Counted)
+    return counts

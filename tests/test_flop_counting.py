@@ -2,7 +2,6 @@
 it answers, and it hands over to fvcore wherever it cannot be exact."""
 from __future__ import annotations
 
-import fvcore.nn
 import pytest
 import torch
 import torch.nn.functional as F
@@ -122,20 +121,6 @@ def test_unknown_python_level_ops_hand_over_to_fvcore(model_type):
 def test_count_flops_rejects_an_unknown_backend():
     with pytest.raises(ValueError, match="backend must be one of"):
         count_flops(nn.Conv2d(3, 3, 1), torch.randn(1, 3, 4, 4), backend="jit")
-
-
-@pytest.fixture
-def fvcore_analyses(monkeypatch):
-    counts = {"n": 0}
-    original = fvcore.nn.FlopCountAnalysis
-
-    class Counted(original):
-        def __init__(self, *args, **kwargs):
-            counts["n"] += 1
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(fvcore.nn, "FlopCountAnalysis", Counted)
-    return counts
 
 
 @pytest.mark.parametrize("batch", [1, 4])

@@ -4,13 +4,15 @@ fvcore counts a model by tracing it with ``torch.jit`` and applying one rule per
 linear/matmul family, normalizations, bilinear/nearest upsampling, adaptive average pooling, grid sampling);
 every other op costs nothing. A trace is a forward plus a TorchScript graph plus a walk over it, paid once per
 prune event. :class:`FvcoreRules` applies the same rules to the torch functions an eager forward calls (a
-``TorchFunctionMode``), attributing each count to the innermost module whose ``forward`` is running and to every module above it
-by name, like fvcore's ``by_module()``. It runs inside a forward the event makes anyway (the graph's eval-mode reference forward).
+``TorchFunctionMode``), attributing each count to the innermost module whose ``forward`` is running and to every
+module above it by name, like fvcore's ``by_module()``. It runs inside a forward the event makes anyway (the
+graph's eval-mode trace).
 
 It only ever answers when it is sure: a Python-level torch function it does not know (``torch.einsum``, an
 attention helper that calls ``linear`` inside) might hide counted ops, so the count is then *unverified* and the
 caller counts with fvcore as before. ``tests/test_flop_counting.py`` proves equality with fvcore, module by
-module, on every torchvision classification model and the test zoo.
+module, on the test zoo, more torchvision families and every op family called functionally;
+``benchmarks/flop_counting.py`` on every torchvision classification model and the timm zoo.
 """
 from __future__ import annotations
 

@@ -139,10 +139,10 @@ def remember_flops(graph: Any, per_module: dict[str, int] | None) -> None:
         graph._flops_count_cache = (_shape_key(graph.model, graph.example_inputs), per_module)
 
 
-def _cached_per_module_count(graph: Any, example_inputs: Any) -> dict[str, int]:
+def _cached_per_module_count(graph: Any, example_inputs: Any, key: tuple | None = None) -> dict[str, int]:
     """``count_flops(per_module=True)``, counted once per model state: a second :class:`FlopsModel` of the same
     graph (the allocation strategy's, the event report's) reuses the count until surgery changes a shape."""
-    key = _shape_key(graph.model, example_inputs)
+    key = key or _shape_key(graph.model, example_inputs)
     cached = getattr(graph, "_flops_count_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -186,10 +186,11 @@ def observing_widths(graph: Any) -> Iterator[None]:
     graph._observed_widths = (_shape_key(model, graph.example_inputs), widths)
 
 
-def _observed_widths(graph: Any, example_inputs: Any) -> dict[str, int] | None:
-    """The widths observed by the last eval forward, if it ran on the model as it is now."""
+def _observed_widths(graph: Any, example_inputs: Any, key: tuple | None = None) -> dict[str, int] | None:
+    """The widths observed by the last eval forward, if it ran on the model as it is now (``key``: its
+    :func:`_shape_key`, when the caller has it)."""
     observed = getattr(graph, "_observed_widths", None)
-    if observed is None or observed[0] != _shape_key(graph.model, example_inputs):
+    if observed is None or observed[0] != (key or _shape_key(graph.model, example_inputs)):
         return None
     return observed[1]
 
@@ -219,7 +220,8 @@ class FlopsModel:
     """
 
     def __init__(self, graph: "Any", example_inputs: Any):
-        per_module = _cached_per_module_count(graph, example_inputs)
+        key = _shape_key(graph.model, example_inputs)
+        per_module = _cached_per_module_count(graph, example_inputs, key)
         self.total_measured = int(per_module.get("", 0))
         names = dict(graph.model.named_modules())
         leaf_flops = {
@@ -233,7 +235,7 @@ class FlopsModel:
         out_group, in_group = module_groups(graph)
         self._terms = [(f, out_group.get(n), in_group.get(n)) for n, f in leaf_flops.items()]
         self._graph, self._example_inputs = graph, example_inputs
-        self._scaling = self._scaling_rules(names, leaf_flops, _observed_widths(graph, example_inputs))
+        self._scaling = self._scaling_rules(names, leaf_flops, _observed_widths(graph, example_inputs, key))
 
     @staticmethod
     def _scaling_rules(names: dict[str, nn.Module], leaf_flops: dict[str, int],

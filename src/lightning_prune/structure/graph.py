@@ -450,8 +450,8 @@ class ChannelGroup:
             return []
         if n_remove % self.divisions:
             raise ValueError(f"n_remove={n_remove} must be a multiple of divisions={self.divisions}")
-        per_chunk = scores.view(self.divisions, -1).mean(0).tolist()
-        order = sorted(range(len(per_chunk)), key=lambda i: (per_chunk[i], i))
+        per_chunk = scores.view(self.divisions, -1).mean(0)
+        order = torch.sort(per_chunk, stable=True).indices.tolist()  # stable: ties keep the lower index first
         if self.rules.plain:
             return self.expand_positions(order[: n_remove // self.divisions])
         # Tied channels count as removed, and no coupled module may be cut below its minimum: fewer channels

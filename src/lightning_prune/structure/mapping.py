@@ -135,24 +135,26 @@ def mapping_problem(members: Sequence[Any], root_width: int, size: int, ops: Seq
     if size != root_width:
         return (f"Torch-Pruning numbers {size} channels for a root with {root_width}{through}; its split/concat index "
                 "mapping is inconsistent here")
-    covered: dict[tuple[int, str], set[int]] = {}
+    covered: dict[tuple[int, str], list[torch.Tensor]] = {}
     for member in members:
-        if member.channels.numel() and not 0 <= int(member.channels.min()) <= int(member.channels.max()) < size:
+        channels, positions = member.channels, member.positions
+        if channels.numel() and not 0 <= int(channels.min()) <= int(channels.max()) < size:
             return (f"module {member.module_name!r} ({type(member.module).__name__}): Torch-Pruning numbers its "
-                    f"channels up to {int(member.channels.max())} in a group of {size}{through}")
+                    f"channels up to {int(channels.max())} in a group of {size}{through}")
         width = member_width(member)
-        positions = set(member.positions.tolist())
-        if width is not None and positions and (max(positions) >= width or min(positions) < 0):
+        if width is not None and positions.numel() and (int(positions.max()) >= width or int(positions.min()) < 0):
             return (f"module {member.module_name!r} ({type(member.module).__name__}, {member.kind}put channels): "
-                    f"Torch-Pruning maps channel position {max(positions)} onto its {width} channels{through}")
+                    f"Torch-Pruning maps channel position {int(positions.max())} onto its {width} channels{through}")
         if member.kind == "out" and (member.is_conv or member.is_linear) and not member.is_depthwise:
-            covered.setdefault(_key(member), set()).update(positions)
+            covered.setdefault(_key(member), []).append(positions.reshape(-1))
     for member in members:
         key, width = _key(member), member_width(member)
-        if key in covered and width is not None and len(covered[key]) != width:
-            return (f"module {member.module_name!r} ({type(member.module).__name__}): the group covers only "
-                    f"{len(covered[key])} of its {width} output channels{through}, so the split/concat index "
-                    "mapping is wrong for it")
+        if key in covered and width is not None:
+            count = torch.unique(torch.cat(covered[key])).numel()
+            if count != width:
+                return (f"module {member.module_name!r} ({type(member.module).__name__}): the group covers only "
+                        f"{count} of its {width} output channels{through}, so the split/concat index mapping is "
+                        "wrong for it")
     return None
 
 
