@@ -642,10 +642,9 @@ class DependencyGraph:
         with, the modules it runs, the widths :class:`FlopsModel` derives counts from and, when it is exactly
         what fvcore would count, the FLOPs. One forward serves Torch-Pruning and the event (a separate
         reference forward and fvcore's own trace cost two more)."""
-        if self._reference_shapes is None:
-            self._reference_shapes = self._trace_on(self.example_inputs, train=False)
-        else:
-            self._trace_on(self.example_inputs, train=False)
+        shapes = self._trace_on(self.example_inputs, train=False)
+        if self._reference_shapes is None:  # the first build's: later builds of the same graph keep them
+            self._reference_shapes = shapes
         self._train_modules = None
         if self.trace_mode == "train" and self._unrun_in_eval():
             self._trace_in_train_mode()

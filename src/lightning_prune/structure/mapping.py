@@ -147,14 +147,14 @@ def mapping_problem(members: Sequence[Any], root_width: int, size: int, ops: Seq
                     f"Torch-Pruning maps channel position {int(positions.max())} onto its {width} channels{through}")
         if member.kind == "out" and (member.is_conv or member.is_linear) and not member.is_depthwise:
             covered.setdefault(_key(member), []).append(positions.reshape(-1))
-    for member in members:
-        key, width = _key(member), member_width(member)
-        if key in covered and width is not None:
-            count = torch.unique(torch.cat(covered[key])).numel()
-            if count != width:
-                return (f"module {member.module_name!r} ({type(member.module).__name__}): the group covers only "
-                        f"{count} of its {width} output channels{through}, so the split/concat index mapping is "
-                        "wrong for it")
+    for key, chunks in covered.items():
+        member = next(m for m in members if _key(m) == key)
+        width = member_width(member)
+        count = torch.unique(torch.cat(chunks)).numel()
+        if width is not None and count != width:
+            return (f"module {member.module_name!r} ({type(member.module).__name__}): the group covers only "
+                    f"{count} of its {width} output channels{through}, so the split/concat index mapping is "
+                    "wrong for it")
     return None
 
 
