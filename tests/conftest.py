@@ -26,23 +26,30 @@ def lightning_ns(request):
     return importlib.import_module(request.param)
 
 
-@pytest.fixture(scope="module")
-def trained_digits():
-    """A digits CNN trained for a few dozen steps (so trials differ), its validation split in batches of 16."""
+def train_digits_cnn(image_size: int, batch_size: int, epochs: int, make_optimizer):
+    """The quick-start CNN trained on scikit-learn's digits (real data, no download), seeded; returns the model in
+    eval mode and its set-up datamodule."""
     from lightning_prune.datamodules import DigitsDataModule
     from lightning_prune.models import create_model
 
     torch.manual_seed(0)
-    data = DigitsDataModule(image_size=8, batch_size=32, seed=0)
+    data = DigitsDataModule(image_size=image_size, batch_size=batch_size, seed=0)
     data.setup("fit")
     model = create_model("digits_cnn", num_classes=10, in_channels=1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for epoch in range(3):
+    optimizer = make_optimizer(model.parameters())
+    model.train()
+    for _ in range(epochs):
         for x, y in data.train_dataloader():
             optimizer.zero_grad()
             torch.nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
-    model.eval()
+    return model.eval(), data
+
+
+@pytest.fixture(scope="module")
+def trained_digits():
+    """A digits CNN trained for a few dozen steps (so trials differ), its validation split in batches of 16."""
+    model, data = train_digits_cnn(8, 32, 3, lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9))
     xs, ys = zip(*data.val_dataloader())
     x, y = torch.cat(xs), torch.cat(ys)
     return model, [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(y), 16)]

@@ -5,16 +5,15 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_prune as lp
 from lightning_prune.allocation import SensitivityAllocator
 from lightning_prune.criteria import get
-from lightning_prune.datamodules import DigitsDataModule
-from lightning_prune.models import create_model
 from lightning_prune.structure import DependencyGraph, FlopsModel
+
+from .conftest import train_digits_cnn
 
 
 def test_statistics_are_the_average_over_the_batches_and_modes_are_restored():
@@ -39,20 +38,10 @@ def test_statistics_are_the_average_over_the_batches_and_modes_are_restored():
 @pytest.fixture(scope="module")
 def trained_digits_cnn():
     """The quick-start CNN trained for a few epochs on scikit-learn's digits (real data, no download)."""
-    torch.manual_seed(0)
-    dm = DigitsDataModule(image_size=12, batch_size=64, seed=0)
-    dm.setup("fit")
-    model = create_model("digits_cnn", num_classes=10, in_channels=1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    model.train()
-    for _ in range(6):
-        for x, y in dm.train_dataloader():
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
+    model, dm = train_digits_cnn(12, 64, 6, lambda params: torch.optim.Adam(params, lr=3e-3))
     train = DataLoader(dm.train_dataset, batch_size=64, shuffle=False)
     val = DataLoader(dm.val_dataset, batch_size=256)
-    return model.eval(), train, val
+    return model, train, val
 
 
 def accuracy(model, loader) -> float:
