@@ -3,10 +3,13 @@
 One dense ResNet-20 (1 input channel, 16x16 digits) is trained for ``--epochs``; copies are pruned one-shot with
 the L2 criterion, (a) ``latency_reduction=r`` and (b) ``flops_reduction=f`` for several ``f``, each fine-tuned for
 ``--finetune`` epochs (SGD, same seed and data order) and evaluated on the test split. The latency ratio of each
-variant is measured interleaved with the dense model (batch ``--batch``, one thread); FLOPs targeting's accuracy
-at the latency variant's measured ratio is interpolated linearly between the two nearest FLOPs variants.
+variant is measured interleaved with the dense model (batch ``--batch``, one thread, ``--placements`` memory
+placements per ``--rounds`` rounds, extended until the ratio's standard error is 1 % or 4 x ``--rounds``); FLOPs
+targeting's accuracy at the latency variant's measured ratio is interpolated linearly between the two nearest
+FLOPs variants, and the per-seed paired difference is summarized.
 
     python benchmarks/latency_accuracy.py --target 0.5 --seeds 0 1 2
+    python benchmarks/latency_accuracy.py --target 0.5 --seeds $(seq -s ' ' 0 19)   # docs/benchmarks.md, section 7
 
 Prints a Markdown table (and writes it to ``docs/benchmarks/latency_accuracy.md``).
 """
@@ -30,7 +33,7 @@ from lightning_prune.datamodules import DigitsDataModule  # noqa: E402
 from lightning_prune.models import create_model  # noqa: E402
 from lightning_prune.pruning import prune  # noqa: E402
 from lightning_prune.structure import count_flops  # noqa: E402
-from lightning_prune.structure.latency import measure_ratio  # noqa: E402
+from lightning_prune.structure.latency import time_pair  # noqa: E402
 
 IMAGE = 16
 
@@ -78,8 +81,9 @@ def run_seed(args, seed: int, dm) -> list[dict]:
         prune(model, example, args.criterion, **extra, **{kind: value})
         train(model, dm.train_dataloader(), args.finetune, 0.02, seed=seed + 1)
         model.eval()
-        dense_ms, ms = measure_ratio(dense, model, x, rounds=args.rounds)
-        rows.append({"variant": f"{kind}={value}", "latency_ratio": ms / dense_ms,
+        timing = time_pair(dense, model, x, rounds=args.rounds, placements=args.placements, precision=0.01,
+                           max_rounds=4 * args.rounds)
+        rows.append({"variant": f"{kind}={value}", "latency_ratio": timing.ratio, "latency_se": timing.standard_error,
                      "flops_ratio": count_flops(model, example[:1]) / dense_flops,
                      "acc": accuracy(model, dm.test_dataloader()), "seed": seed})
         print(seed, rows[-1], flush=True)
@@ -114,7 +118,8 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--finetune", type=int, default=3)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=24)
+    parser.add_argument("--placements", type=int, default=4)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--criterion", default="l2")
     parser.add_argument("--round-to", dest="round_to", default=None,
@@ -133,24 +138,35 @@ def main(argv=None) -> None:
              *machine, "",
              f"Dense trained {args.epochs} epochs; each variant pruned one-shot ({args.criterion}) and fine-tuned "
              f"{args.finetune} epochs; latency at batch {args.batch}, {IMAGE}x{IMAGE}, interleaved with the dense "
-             f"model. Seeds {args.seeds} (model init, data order, fine-tuning; the test split is fixed).", "",
+             f"model over {args.placements} memory placements per {args.rounds} rounds (median of per-round ratios, "
+             f"+- its standard error). Seeds {args.seeds} (model init, data order, fine-tuning; the test split is "
+             "fixed).", "",
              "| seed | variant | measured latency ratio | FLOPs ratio | test accuracy |", "|---|---|---|---|---|"]
-    latency_acc, flops_acc, dense_acc = [], [], []
+    latency_acc, flops_acc, dense_acc, paired = [], [], [], []
     for seed in args.seeds:
         rows = run_seed(args, seed, dm)
-        lines += [f"| {seed} | {r['variant']} | {r['latency_ratio']:.3f} | {r['flops_ratio']:.3f} | "
+        lines += [f"| {seed} | {r['variant']} | {r['latency_ratio']:.3f}"
+                  + (f" +- {r['latency_se']:.3f}" if 'latency_se' in r else "") + f" | {r['flops_ratio']:.3f} | "
                   f"{100 * r['acc']:.2f} % |" for r in rows]
         dense_acc.append(rows[0]["acc"])
         latency_acc.append(rows[1]["acc"])
         at = interpolate(rows)
         if at is not None:
             flops_acc.append(at)
+            paired.append(rows[1]["acc"] - at)
         lines.append(f"| {seed} | FLOPs targeting interpolated at {rows[1]['latency_ratio']:.3f} | | | "
                      + (f"{100 * at:.2f} % |" if at is not None else "outside the FLOPs variants' range |"))
         write_results(Path(args.out), "\n".join(lines) + "\n")
     lines += ["", f"Mean ± std over seeds: dense {_mean_std(dense_acc)}; latency_reduction={args.target} "
               f"{_mean_std(latency_acc)}; FLOPs targeting at the same measured latency {_mean_std(flops_acc)} "
               f"({len(flops_acc)} of {len(args.seeds)} seeds inside the FLOPs variants' latency range)."]
+    if len(paired) > 1:
+        import statistics
+
+        mean, se = statistics.mean(paired), statistics.stdev(paired) / len(paired) ** 0.5
+        lines.append(f"Paired difference, latency minus FLOPs targeting, per seed: "
+                     f"{', '.join(f'{100 * d:+.2f}' for d in paired)} points; mean {100 * mean:+.2f} ± "
+                     f"{100 * se:.2f} (standard error).")
     text = "\n".join(lines) + "\n"
     write_results(Path(args.out), text)
     print(text)

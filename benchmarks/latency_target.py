@@ -7,8 +7,12 @@ CIFAR ``resnet56`` at 32x32 batch 64; random weights with a fixed seed, eval mod
 * **latency**: a copy pruned with ``prune(model, x[:2], "l2", latency_reduction=r, latency_input=x)``;
 * **flops**: a copy pruned with ``prune(model, x[:2], "l2", flops_reduction=r)`` (uniform allocation).
 
-The latency ratio of a variant is measured by *interleaving* it with the dense model (``measure_ratio``: dense,
-variant, variant, dense, ... median of ``--rounds`` each), so a shared machine's changing load falls on both alike.
+The latency ratio of a variant is measured by *interleaving* it with the dense model (``interleaved_times``: dense,
+variant, variant, dense, ...), so a shared machine's changing load falls on both alike, over ``--placements``
+blocks of rounds, each block after the first on fresh copies of both models (on CPU a model's speed depends on
+where its weights lie in memory), and extended by ``--rounds`` more until the ratio's standard error is 1 % of
+it or ``--max-rounds`` are spent. The ratio is the median of the per-round ratios; its standard error and the
+spread of the per-placement ratios are reported beside it.
 Goal: measured ratio <= (1 - r) x 1.05 for the latency target in every case. Also reported: the latency table's
 build time and the number of distinct layer timings (a machine-independent count), the event's wall time, the
 table's prediction error at the pruned widths, and the FLOPs ratio each variant reaches.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import statistics
 import sys
 import tempfile
 import time
@@ -42,7 +47,8 @@ from _common import machine_description, write_results  # noqa: E402
 from lightning_prune.models import create_model  # noqa: E402
 from lightning_prune.pruning import prune  # noqa: E402
 from lightning_prune.structure import DependencyGraph, count_flops  # noqa: E402
-from lightning_prune.structure.latency import LatencyModel, measure_ratio  # noqa: E402
+from lightning_prune.structure.latency import (LatencyModel, pair_ratio, placement_blocks,  # noqa: E402
+                                               time_pair)
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "latency_target.md"
 MODELS = {"resnet56": (32, 64, 10), "resnet18": (224, 8, 1000), "mobilenet_v2": (224, 8, 1000),
@@ -55,8 +61,21 @@ def build(name: str, classes: int) -> torch.nn.Module:
     return create_model(name, num_classes=classes).eval()
 
 
+def measured(dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, rounds: int, placements: int,
+             max_rounds: int) -> dict:
+    """Dense ms, the pooled per-round ratio, its standard error, the rounds and the per-placement ratios."""
+    timing = time_pair(dense, model, x, rounds=rounds, placements=placements, precision=0.01, max_rounds=max_rounds)
+    per_placement, at = [], 0
+    for _ in range(timing.rounds // rounds):
+        for size in placement_blocks(rounds, placements):
+            per_placement.append(pair_ratio((timing.first[at:at + size], timing.second[at:at + size])))
+            at += size
+    return {"dense_ms": statistics.median(timing.first), "ratio": timing.ratio, "se": timing.standard_error,
+            "rounds": timing.rounds, "spread": (min(per_placement), max(per_placement))}
+
+
 def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, rounds: int, cache: str,
-             round_to: int | str | None = None) -> dict:
+             round_to: int | str | None = None, placements: int = 1, max_rounds: int = 0) -> dict:
     row = {"model": name, "batch": x.shape[0], "target": target}
     dense_flops = count_flops(dense, x[:1])
     latency_model = copy.deepcopy(dense)
@@ -64,11 +83,17 @@ def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, 
     report = prune(latency_model, x[:2], "l2", latency_reduction=target, latency_input=x, latency_cache=cache,
                    round_to=round_to)
     row["event_s"] = time.perf_counter() - start
+    # Re-measured at once, before anything else runs in the process: separates an error of the event's own
+    # measurement from a drift between the event and the final measurement below.
+    row["right_after"] = measured(dense, latency_model, x, rounds, placements, rounds)["ratio"]
+    last = report.latency_steps[-1] if report.latency_steps else {}
+    row["event_se"], row["event_rounds"] = last.get("standard_error", float("nan")), last.get("rounds", 0)
     flops_model = copy.deepcopy(dense)
     prune(flops_model, x[:2], "l2", flops_reduction=target)
     for label, model in (("latency", latency_model), ("flops", flops_model)):
-        dense_ms, ms = measure_ratio(dense, model, x, rounds=rounds)
-        row[f"{label}_ratio"] = ms / dense_ms
+        m = measured(dense, model, x, rounds, placements, max_rounds)
+        dense_ms, row[f"{label}_ratio"], row[f"{label}_spread"] = m["dense_ms"], m["ratio"], m["spread"]
+        row[f"{label}_se"], row[f"{label}_rounds"] = m["se"], m["rounds"]
         row[f"{label}_flops_ratio"] = count_flops(model, x[:1]) / dense_flops
     row["dense_ms"] = dense_ms
     row["predicted_ratio"] = report.predicted_latency_ms / report.dense_latency_ms
@@ -82,15 +107,25 @@ def render(rows: list[dict], tables: dict, args: argparse.Namespace, started: st
     lines = [f"# Latency targets (CPU, {args.threads} thread)", "", f"Started {started} UTC. `python "
              f"benchmarks/latency_target.py {' '.join(sys.argv[1:])}`", "", *machine, "",
              "Ratios are pruned / dense latency, measured interleaved with the dense model (median of "
-             f"{args.rounds} rounds each); goal: latency ratio <= (1 - target) x 1.05.", "",
-             "| model | batch | target | goal ratio | **latency target: measured ratio** | met | its FLOPs ratio | "
-             "table predicted | event's own measurement | flops_reduction target: latency ratio | its FLOPs ratio | "
+             f"{args.rounds}-{args.max_rounds} per-round ratios, {args.placements} memory placements per {args.rounds} "
+             "rounds, extended until the standard error is 1 % of the ratio; 'per placement' is the range of the "
+             "placements' own ratios); goal: latency ratio <= (1 - target) x 1.05.", "",
+             "| model | batch | target | goal ratio | **latency target: measured ratio** | +- (rounds) | "
+             "per placement | "
+             "met | "
+             "its FLOPs ratio | "
+             "table predicted | event's own measurement (rounds) | re-measured right after the event | "
+             "flops_reduction target: latency ratio | its FLOPs ratio | "
              "dense ms | event s | event steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['target']:.1f} | {1 - r['target']:.3f} | "
-                     f"**{r['latency_ratio']:.3f}** | {'yes' if r['met'] else 'NO'} | {r['latency_flops_ratio']:.3f} | "
-                     f"{r['predicted_ratio']:.3f} | {r['event_ratio']:.3f} | {r['flops_ratio']:.3f} | "
+                     f"**{r['latency_ratio']:.3f}** | {r['latency_se']:.3f} ({r['latency_rounds']}) | "
+                     f"{r['latency_spread'][0]:.3f}-{r['latency_spread'][1]:.3f} | "
+                     f"{'yes' if r['met'] else 'NO'} | {r['latency_flops_ratio']:.3f} | "
+                     f"{r['predicted_ratio']:.3f} | "
+                     f"{r['event_ratio']:.3f} +- {r['event_se']:.3f} ({r['event_rounds']}) | "
+                     f"{r['right_after']:.3f} | {r['flops_ratio']:.3f} | "
                      f"{r['flops_flops_ratio']:.3f} | {r['dense_ms']:.1f} | {r['event_s']:.1f} | "
                      f"{r.get('event_steps', '')} |")
     lines += ["", "Latency tables (built once per model, then read from the cache):", "",
@@ -108,8 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.3, 0.5])
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=36)
     parser.add_argument("--batch", type=int, default=None, help="override the batch of the 224x224 models")
+    parser.add_argument("--placements", type=int, default=6,
+                        help="memory placements (fresh copies of both models) the rounds are spread over")
+    parser.add_argument("--max-rounds", dest="max_rounds", type=int, default=144)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--round-to", dest="round_to", default=None,
                         help="round_to of the latency-target variant: an integer or 'auto' (default None)")
@@ -132,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         tables[name] = {"layers": len(table.entries), "timings": table.timings, "build_s": table.build_s}
         for target in args.targets:
             t0 = time.perf_counter()
-            rows.append(run_case(name, dense, x, target, args.rounds, cache, args.round_to))
+            rows.append(run_case(name, dense, x, target, args.rounds, cache, args.round_to, args.placements,
+                                  args.max_rounds))
             print(f"[{name} {target}] {rows[-1]} ({time.perf_counter() - t0:.0f} s)", flush=True)
             write_results(Path(args.out), render(rows, tables, args, started, machine))
     print(render(rows, tables, args, started, machine))

@@ -55,6 +55,59 @@ def test_measure_ratio_of_a_model_against_itself_is_near_one():
     assert pair_ratio(([1.0, 2.0, 4.0], [2.0, 2.0, 40.0])) == 2.0  # median of per-round ratios: 2, 1, 10
 
 
+def test_placements_time_fresh_copies_and_leave_the_models_as_they_were():
+    """Each block of rounds after the first runs on new copies of both models (new memory for the weights), and
+    the caller's models keep their train flags, buffers and identity."""
+    first, second = small_cnn().train(), small_cnn()
+    seen: dict[str, set[int]] = {"first": set(), "second": set()}
+    first[0].register_forward_hook(lambda m, i, o: seen["first"].add(m.weight.data_ptr()))
+    second[0].register_forward_hook(lambda m, i, o: seen["second"].add(m.weight.data_ptr()))
+    running = first[1].running_mean.clone()
+    times = interleaved_times(first, second, BATCH, warmup=1, rounds=7, placements=3)
+    assert len(times[0]) == len(times[1]) == 7
+    assert len(seen["first"]) == len(seen["second"]) == 3  # the originals' weights and two copies' each
+    assert first[0].weight.data_ptr() in seen["first"]
+    assert first.training and torch.equal(first[1].running_mean, running)
+    from lightning_prune.structure.latency import placement_blocks
+
+    assert placement_blocks(7, 3) == [3, 2, 2] and placement_blocks(2, 5) == [1, 1]
+
+
+def test_standard_error_of_the_ratio_shrinks_with_rounds_and_ignores_one_burst():
+    from lightning_prune.structure.latency import ratio_standard_error
+
+    assert ratio_standard_error(([2.0] * 8, [1.0] * 8)) == 0.0  # every round says 0.5
+    spread = ([1.0] * 10, [0.40, 0.45, 0.50, 0.55, 0.60] * 2)  # median 0.5, median absolute deviation 0.05
+    assert ratio_standard_error(spread) == pytest.approx(1.2533 * 1.4826 * 0.05 / 10 ** 0.5)
+    assert ratio_standard_error((spread[0] * 4, spread[1] * 4)) == pytest.approx(ratio_standard_error(spread) / 2)
+    burst = (spread[0] + [1.0], spread[1] + [40.0])  # one round under a load burst barely moves it
+    assert ratio_standard_error(burst) <= ratio_standard_error(spread)
+    assert ratio_standard_error(([1.0], [1.0])) == float("inf")
+
+
+def test_time_pair_extends_only_while_imprecise_and_near_the_goal():
+    from lightning_prune.structure.latency import time_pair
+
+    model, other = small_cnn(), small_cnn()
+    # precision 0 is never reached: measured until max_rounds, in blocks of `rounds`
+    assert time_pair(model, other, BATCH[:4], rounds=3, precision=0.0, max_rounds=9).rounds == 9
+    assert time_pair(model, other, BATCH[:4], rounds=3, precision=0.0, max_rounds=10).rounds == 9
+    # a ratio far from the goal decides alone; no precision asked: one block
+    assert time_pair(model, other, BATCH[:4], rounds=3, precision=0.0, max_rounds=9, goal=50.0, band=0.06).rounds == 3
+    assert time_pair(model, other, BATCH[:4], rounds=3).rounds == 3
+
+
+def test_event_stops_only_where_a_later_measurement_stays_within_tolerance():
+    from lightning_prune.allocation.latency import CONFIDENCE_Z, TOLERANCE, settled
+
+    goal, aim = 0.5, 0.485
+    assert not settled(0.51, 0.0, goal, aim)  # above the goal: correct
+    assert settled(0.499, 0.005, goal, aim)  # at the goal and precise
+    assert not settled(0.499, 0.02, goal, aim)  # at the goal by a lucky draw: 2 errors above it miss 5 %
+    assert 0.499 + CONFIDENCE_Z * 0.02 > goal * (1 + TOLERANCE)
+    assert settled(0.48, 0.05, goal, aim)  # already past the aim: a further step only trades accuracy for noise
+
+
 # -- the table --------------------------------------------------------------------------------------------------
 def test_table_covers_layers_is_cached_and_round_trips(tmp_path):
     model = small_cnn().eval()
@@ -114,6 +167,36 @@ def test_greedy_respects_max_group_sparsity_and_round_to(tmp_path):
         assert table.predict(widths) < table.dense_ms
 
 
+def test_a_steeper_thinning_cost_keeps_the_plan_closer_to_uniform(tmp_path, monkeypatch):
+    """The small CNN's real table made ideal (every layer's time proportional to its input x output width, so no
+    kernel effect favours a group), one group's filters ten times dearer: with the cost growing as 1 / kept
+    fraction squared (the default) the groups' kept fractions lie closer together than with linear growth, and
+    both plans meet the budget."""
+    import lightning_prune.allocation.latency as latency_allocation
+
+    model = small_cnn().eval()
+    graph = DependencyGraph(model, BATCH[:2])
+    data = LatencyModel.build(graph, BATCH, cache_dir=tmp_path).to_dict()
+    for e in data["entries"].values():
+        dense = e["ms"][-1][-1]
+        e["ms"] = [[dense * i / e["in_points"][-1] * o / e["out_points"][-1] for o in e["out_points"]]
+                   for i in e["in_points"]]
+    table = LatencyModel.from_dict(data)
+    scores = score_groups(model, graph.groups, criteria.get("l2"))
+    dear = graph.groups[1].name
+    scores = {name: s * (10.0 if name == dear else 1.0) for name, s in scores.items()}
+    budget = 0.5 * table.dense_ms
+    spreads = {}
+    for power in (1.0, 2.0):
+        monkeypatch.setattr(latency_allocation, "THINNING_POWER", power)
+        widths = plan_widths(graph, scores, table, budget, round_to=None, max_group_sparsity=0.9,
+                             device=torch.device("cpu"), dtype=None)
+        assert table.predict(widths) <= budget
+        kept = [widths[g.name] / g.original_size for g in graph.groups]
+        spreads[power] = max(kept) - min(kept)
+    assert spreads[2.0] < spreads[1.0], spreads
+
+
 def test_prune_to_a_latency_target_reports_measured_and_predicted(tmp_path):
     model = small_cnn()
     report = prune(model, BATCH[:2], latency_reduction=0.4, latency_input=BATCH, latency_cache=str(tmp_path),
@@ -141,7 +224,8 @@ def test_event_corrects_a_table_that_promises_too_much_in_small_measured_steps(t
     the width removed (far more than the kernels give): the first plan prunes too little, the event measures it,
     and corrects in steps that each lower the budget by a bounded fraction, until its own measurement meets the
     goal or the steps run out; every step is reported."""
-    from lightning_prune.allocation.latency import AIM_MARGIN, MAX_CORRECTION, LatencyTarget, correction_factor
+    from lightning_prune.allocation.latency import (AIM_MARGIN, MAX_CORRECTION, LatencyTarget, correction_factor,
+                                                    settled)
 
     x = torch.randn(32, 3, 32, 32)
     table = LatencyModel.build(DependencyGraph(small_cnn().eval(), x[:2]), x, cache_dir=tmp_path)
@@ -160,7 +244,8 @@ def test_event_corrects_a_table_that_promises_too_much_in_small_measured_steps(t
     # The first plan goes half of the (log) way to the aim; each correction lowers the budget by the measured miss.
     assert steps[0]["budget_ms"] == pytest.approx(table.dense_ms * correction_factor(aim, 1.0))
     for before, after in zip(steps, steps[1:]):
-        assert before["measured_ratio"] > 0.5  # a correction follows a miss only
+        # a correction follows a miss, or a ratio at the goal too uncertain to stop on
+        assert not settled(before["measured_ratio"], before["standard_error"], 0.5, aim)
         factor = correction_factor(aim, before["measured_ratio"])
         assert after["budget_ms"] == pytest.approx(before["predicted_ms"] * factor)
         far = factor ** 2 == pytest.approx(aim / before["measured_ratio"])

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..structure.latency import LatencyModel, _first_device, interleaved_times, measure_latency, pair_ratio
+from ..structure.latency import LatencyModel, _first_device, detached_copy, measure_latency, time_pair
 from .core import _floor_width, _unit_order
 from .strategies import AllocationContext, AllocationStrategy, register_strategy
 
@@ -46,9 +46,17 @@ TOLERANCE = 0.05
 #: [design] the event plans this fraction below the goal ratio, so that a later, independent measurement (another
 #: load, another run) stays within TOLERANCE of the goal; it costs this much extra pruning
 AIM_MARGIN = 0.03
-#: [design] a measured ratio within this fraction of the goal is measured once more and the rounds pooled, so that
-#: the decision "correct or stop" is not left to one noisy measurement
+#: [design] a measured ratio within this fraction of the goal is measured further (more rounds, new memory
+#: placements, pooled) until its standard error is :data:`PRECISION` of it or ``LatencyTarget.max_rounds`` are spent,
+#: so that the decision "correct or stop" is not left to one noisy measurement
 CONFIRM_BAND = 0.06
+#: the standard error (a fraction of the ratio) a measurement near the goal is timed down to
+PRECISION = 0.01
+#: [design] the event stops only when the measured ratio is at the goal and this many standard errors above it
+#: are still within TOLERANCE of the goal (or it has reached its aim, AIM_MARGIN below the goal): a later,
+#: independent measurement then stays within the tolerance; a noisy model (MobileNetV2 on a shared CPU: per-round
+#: ratios spread +-15 %) is pruned a step further instead of being stopped on a lucky draw
+CONFIDENCE_Z = 2.0
 #: each correction step lowers the budget by at least this fraction (a table that predicts nearly no saving would
 #: otherwise take steps too small to change the measurement) ...
 MIN_CORRECTION = 0.02
@@ -57,6 +65,13 @@ MIN_CORRECTION = 0.02
 #: overshot (digits ResNet-20: measured 0.54 -> 0.41 for a goal of 0.50 in one step); channels removed by an
 #: overshoot cannot come back
 MAX_CORRECTION = 0.06
+
+
+#: [measured] how fast a unit's cost grows as its group thins: x 1 / kept fraction ** THINNING_POWER. With 1 the
+#: greedy cut layers the table calls cheap per millisecond far below uniform (digits ResNet-20: stage-3 convolutions
+#: to 18-20 of 64 channels where uniform FLOPs targeting at the same latency keeps 31) and lost 0.38 +- 0.16 points
+#: against FLOPs targeting at equal measured latency (20 seeds); with 2, -0.04 +- 0.17 (docs/benchmarks.md section 7)
+THINNING_POWER = 2.0
 
 
 def auto_step(group: Any, device: torch.device, dtype: torch.dtype | None, table: LatencyModel | None = None) -> int:
@@ -98,6 +113,10 @@ class LatencyTarget:
     #: cumulative measured latency ratio of the model vs the dense one (1.0 before any pruning)
     ratio: float = 1.0
     rounds: int = 10
+    #: memory placements each comparison is spread over (:func:`~lightning_prune.structure.latency.interleaved_times`)
+    placements: int = 4
+    #: the most rounds one comparison near the goal is extended to (:data:`CONFIRM_BAND`)
+    max_rounds: int = 120
     max_calibrations: int = 8
     records: list[dict[str, Any]] = field(default_factory=list)
     before_ms: float | None = None
@@ -118,19 +137,19 @@ class LatencyTarget:
         return float(collective.gather(value)[0])
 
     def measure_against(self, reference: torch.nn.Module | None, model: torch.nn.Module, collective: Any,
-                        goal: float | None = None) -> tuple[float, float, float, int] | None:
-        """``(reference ms, model ms, model / reference, rounds)`` timed alternately on rank zero (load cancels in
-        their ratio), broadcast. The ratio is the median of per-round ratios; when it lies within
-        :data:`CONFIRM_BAND` of ``goal`` (a relative ratio), the pair is timed again and the rounds pooled."""
+                        goal: float | None = None) -> tuple[float, float, float, int, float] | None:
+        """``(reference ms, model ms, model / reference, rounds, standard error of the ratio)`` timed alternately
+        on rank zero over :attr:`placements` memory placements (load cancels in their ratio), broadcast. The ratio
+        is the median of per-round ratios; when it lies within :data:`CONFIRM_BAND` of ``goal`` (a relative
+        ratio), the pair is timed further until the standard error is :data:`PRECISION` of it or
+        :attr:`max_rounds` are spent."""
         value = None
         if collective.rank == 0 and reference is not None:
-            first, second = interleaved_times(reference, model, self.inputs, self.dtype, rounds=2 * self.rounds)
-            ratio = pair_ratio((first, second))
-            if goal is not None and abs(ratio - goal) <= CONFIRM_BAND * goal:
-                more = interleaved_times(reference, model, self.inputs, self.dtype, rounds=2 * self.rounds)
-                first, second = first + more[0], second + more[1]
-                ratio = pair_ratio((first, second))
-            value = (statistics.median(first), statistics.median(second), ratio, len(first))
+            timing = time_pair(reference, model, self.inputs, self.dtype, rounds=2 * self.rounds,
+                               placements=self.placements, precision=PRECISION, max_rounds=self.max_rounds,
+                               goal=goal, band=CONFIRM_BAND)
+            value = (statistics.median(timing.first), statistics.median(timing.second), timing.ratio,
+                     timing.rounds, timing.standard_error)
         return collective.gather(value)[0]
 
     @property
@@ -140,22 +159,6 @@ class LatencyTarget:
     @property
     def dense_ms(self) -> float:
         return self.table.dense_ms if self.table is not None else float("nan")
-
-
-def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module | None:
-    import copy
-
-    try:
-        trainer = getattr(model, "_trainer", None)
-        if trainer is not None:  # a LightningModule: copy it without its trainer
-            model._trainer = None
-        try:
-            return copy.deepcopy(model).eval()
-        finally:
-            if trainer is not None:
-                model._trainer = trainer
-    except Exception:  # noqa: BLE001 (an uncopyable model is measured alone)
-        return None
 
 
 def correction_factor(aim: float, measured: float) -> float:
@@ -169,6 +172,15 @@ def correction_factor(aim: float, measured: float) -> float:
     if full < 1.0 - 3 * MAX_CORRECTION:
         return math.sqrt(full)
     return min(max(full, 1.0 - MAX_CORRECTION), 1.0 - MIN_CORRECTION)
+
+
+def settled(ratio: float, error: float, goal: float, aim: float) -> bool:
+    """Whether the event may stop at a measured ``ratio`` (standard ``error``): at the goal, and either
+    :data:`CONFIDENCE_Z` errors above it still within :data:`TOLERANCE`, or at the aim already (a further step
+    would trade accuracy for the measurement's noise)."""
+    if ratio > goal:
+        return False
+    return ratio + CONFIDENCE_Z * error <= goal * (1 + TOLERANCE) or ratio <= aim
 
 
 def plan_widths(graph: Any, scores: Mapping[str, torch.Tensor], table: LatencyModel, budget_ms: float, *,
@@ -185,19 +197,19 @@ def plan_widths(graph: Any, scores: Mapping[str, torch.Tensor], table: LatencyMo
         values = [s for s, _ in units]
         mean = sum(values) / len(values) if values else 1.0
         # [design] Removing a unit costs its share of its group's importance (score / mean / units of the original
-        # group: scale-free, as raw filter norms differ by layer) times the group's share of the dense model's
-        # table time, more the thinner the group already is (1 / kept fraction). The time weight is a prior that
-        # a group matters in proportion to the work it carries: a ResNet's residual stream feeds every block of
-        # its stage, so a channel of it saves several layers' time, and with equal per-group importance the
-        # greedy emptied the streams first (digits ResNet-20: 2 of 16 stem channels kept, 1-3 points of
-        # accuracy lost vs uniform pruning). With the weight, cost per millisecond is equal across groups where
-        # time shrinks in proportion to width; the allocation departs from uniform where the scores or the
-        # measured kernels (blocks, memory-bound layers) make some channels cheaper per millisecond.
+        # group: scale-free, as raw filter norms differ by layer) times the group's share of the dense model's table
+        # time, more the thinner the group already is (1 / kept fraction ** THINNING_POWER). The time weight is a
+        # prior that a group matters in proportion to the work it carries: a ResNet's residual stream feeds every
+        # block of its stage, so a channel of it saves several layers' time, and with equal per-group importance the
+        # greedy emptied the streams first (digits ResNet-20: 2 of 16 stem channels kept, 1-3 points of accuracy lost
+        # vs uniform pruning). With the weight, cost per millisecond is equal across groups where time shrinks in
+        # proportion to width; the allocation departs from uniform where the scores or the measured kernels (blocks,
+        # memory-bound layers) make some channels cheaper per millisecond.
         done = (g.original_size - g.size) // g.divisions
         total_units = max(g.original_size // g.divisions, 1)
         weight = table.group_ms(g.name, table.dense_widths) / table.dense_sum if table.dense_sum > 0 else 1.0
         normalized = [(v / mean if mean > 0 else v) * weight / total_units
-                      / max(1.0 - (done + k) / total_units, 0.05) for k, v in enumerate(values)]
+                      / max(1.0 - (done + k) / total_units, 0.05) ** THINNING_POWER for k, v in enumerate(values)]
         step = group_step(g, round_to, device, dtype, table)
         state[g.name] = {
             "group": g, "step": step, "floor": _floor_width(g, max_group_sparsity, step),
@@ -294,15 +306,15 @@ class LatencyAllocation(AllocationStrategy):
         measured_ratio = start_ratio
         # The model as it is now, to time against after each surgery (alternating, so a shared machine's load
         # cancels); a model that cannot be copied is timed alone.
-        reference = _frozen_copy(graph.model) if collective.rank == 0 else None
+        reference = detached_copy(graph.model) if collective.rank == 0 else None
         for step in range(target.max_calibrations + 1):
             if not self._prune_to_budget(ctx, table, budget):
                 log.info("latency step %d: nothing left to remove (every group at its floor)", step)
                 break
             predicted = table.predict(graph.widths())
-            measured_ratio = self._measure_step(target, reference, graph.model, collective, start_ratio,
-                                                goal_ratio, step, budget, predicted)
-            if measured_ratio <= goal_ratio:
+            measured_ratio, error = self._measure_step(target, reference, graph.model, collective, start_ratio,
+                                                       goal_ratio, step, budget, predicted)
+            if settled(measured_ratio, error, goal_ratio, aim):
                 break
             budget = predicted * correction_factor(aim, measured_ratio)
         del reference
@@ -330,25 +342,24 @@ class LatencyAllocation(AllocationStrategy):
     @staticmethod
     def _measure_step(target: LatencyTarget, reference: torch.nn.Module | None, model: torch.nn.Module,
                       collective: Any, start_ratio: float, goal_ratio: float, step: int, budget: float,
-                      predicted: float) -> float:
-        """Measure the pruned model against the pre-event copy; record and log the step; the cumulative ratio."""
+                      predicted: float) -> tuple[float, float]:
+        """Measure the pruned model against the pre-event copy; record and log the step; the cumulative ratio and
+        its standard error."""
         relative_goal = goal_ratio / start_ratio  # what this event must reach against its own start
         measured = target.measure_against(reference, model, collective, goal=relative_goal)
         if measured is None:  # no copy to time against: time the model alone against the table's dense ms
             before = target.before_ms or target.table.dense_ms * start_ratio
             after = target.measure(model, collective)
-            measured, rounds = (before, after, after / before), target.rounds
-        else:
-            rounds = measured[3]
-        before, after, relative = measured[:3]
-        ratio = start_ratio * relative
+            measured = (before, after, after / before, target.rounds, 0.0)
+        before, after, relative, rounds, relative_error = measured
+        ratio, error = start_ratio * relative, start_ratio * relative_error
         target.before_ms, target.after_ms, target.predicted_ms = before, after, predicted
         target.records.append({"step": step, "kind": "plan" if step == 0 else "correction", "budget_ms": budget,
                                "predicted_ms": predicted, "measured_ms": after, "measured_ratio": ratio,
-                               "goal_ratio": goal_ratio, "rounds": rounds})
-        log.info("latency step %d: predicted %.2f ms, measured %.2f ms, ratio %.3f (goal %.3f, %d rounds)", step,
-                 predicted, after, ratio, goal_ratio, rounds)
-        return ratio
+                               "goal_ratio": goal_ratio, "rounds": rounds, "standard_error": error})
+        log.info("latency step %d: predicted %.2f ms, measured %.2f ms, ratio %.3f +- %.3f (goal %.3f, %d rounds)",
+                 step, predicted, after, ratio, error, goal_ratio, rounds)
+        return ratio, error
 
 
 register_strategy("latency")(LatencyAllocation)

@@ -28,6 +28,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -118,33 +119,69 @@ def measure_latency(model: nn.Module, inputs: Any, dtype: torch.dtype | None = N
 
 
 def measure_ratio(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
-                  warmup: int = 3, rounds: int = 20) -> tuple[float, float]:
+                  warmup: int = 3, rounds: int = 20, placements: int = 1) -> tuple[float, float]:
     """Median ms of ``first`` and ``second``, timed alternately (a, b, b, a, ...) so that a machine's changing load
-    falls on both alike: their ratio is robust where absolute times are not."""
-    times = interleaved_times(first, second, inputs, dtype, warmup=warmup, rounds=rounds)
+    falls on both alike: their ratio is robust where absolute times are not. ``placements``: see
+    :func:`interleaved_times`."""
+    times = interleaved_times(first, second, inputs, dtype, warmup=warmup, rounds=rounds, placements=placements)
     return float(statistics.median(times[0])), float(statistics.median(times[1]))
 
 
+def detached_copy(model: nn.Module) -> nn.Module | None:
+    """A deep copy of ``model`` in eval mode, without a LightningModule's trainer; None if it cannot be copied."""
+    import copy
+
+    trainer = getattr(model, "_trainer", None)
+    try:
+        if trainer is not None:
+            model._trainer = None
+        return copy.deepcopy(model).eval()
+    except Exception:  # noqa: BLE001 (an uncopyable model is timed as it is)
+        return None
+    finally:
+        if trainer is not None:
+            model._trainer = trainer
+
+
+def placement_blocks(rounds: int, placements: int) -> list[int]:
+    """How :func:`interleaved_times` splits ``rounds`` over ``placements`` blocks (the first blocks one longer)."""
+    placements = max(1, min(placements, rounds))
+    return [rounds // placements + (1 if b < rounds % placements else 0) for b in range(placements)]
+
+
 def interleaved_times(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
-                      warmup: int = 3, rounds: int = 20) -> tuple[list[float], list[float]]:
+                      warmup: int = 3, rounds: int = 20, placements: int = 1) -> tuple[list[float], list[float]]:
     """Per-round ms of ``first`` and ``second`` timed alternately (a, b, b, a, ...): round ``r``'s two samples ran
-    back to back, so ``second[r] / first[r]`` sees (nearly) the same machine load (see :func:`pair_ratio`)."""
+    back to back, so ``second[r] / first[r]`` sees (nearly) the same machine load (see :func:`pair_ratio`).
+
+    ``placements > 1`` splits the rounds into that many blocks (:func:`placement_blocks`) and times every block
+    after the first on fresh deep copies of both models. [measured] On CPU a model's speed depends on where its
+    weights happen to lie in memory, and the dependence persists for as long as the tensors live: on the 2-core
+    Xeon of docs/benchmarks.md, one pruned MobileNetV2 timed against copies of its dense model gave ratios from
+    0.66 to 0.92 (copies of the dense model against each other: 0.93-1.05), the same objects re-timed for a
+    minute stayed within +-0.07 of their own mean. More rounds on the same tensors cannot average that out;
+    more copies do."""
     device = _first_device(inputs)
     times: tuple[list[float], list[float]] = ([], [])
-    with preserved_state(first), preserved_state(second), torch.inference_mode(), \
-            _autocast(device, dtype if device.type == "cuda" else None):
-        first.eval(), second.eval()
-        models = (first, second)
-        for model in models:
-            for _ in range(warmup):
-                call_model(model, inputs)
-        for r in range(rounds):
-            for i in ((0, 1) if r % 2 == 0 else (1, 0)):
-                _sync(device)
-                start = time.perf_counter()
-                call_model(models[i], inputs)
-                _sync(device)
-                times[i].append((time.perf_counter() - start) * 1e3)
+    blocks = placement_blocks(rounds, placements)
+    r, pair = 0, (first, second)
+    for block, block_rounds in enumerate(blocks):
+        if block:  # copied while the previous block's pair still holds its memory, so the copies land elsewhere
+            pair = (detached_copy(first) or first, detached_copy(second) or second)
+        with preserved_state(pair[0]), preserved_state(pair[1]), torch.inference_mode(), \
+                _autocast(device, dtype if device.type == "cuda" else None):
+            pair[0].eval(), pair[1].eval()
+            for model in pair:
+                for _ in range(warmup if block == 0 else min(warmup, 1)):
+                    call_model(model, inputs)
+            for _ in range(block_rounds):
+                for i in ((0, 1) if r % 2 == 0 else (1, 0)):
+                    _sync(device)
+                    start = time.perf_counter()
+                    call_model(pair[i], inputs)
+                    _sync(device)
+                    times[i].append((time.perf_counter() - start) * 1e3)
+                r += 1
     return times
 
 
@@ -152,6 +189,57 @@ def pair_ratio(times: tuple[list[float], list[float]]) -> float:
     """Median over rounds of ``second / first`` from :func:`interleaved_times`. A load burst that slows one round
     slows both of its samples, so the per-round ratio drops it where the ratio of two medians would not."""
     return float(statistics.median(b / a for a, b in zip(*times) if a > 0))
+
+
+def ratio_standard_error(times: tuple[list[float], list[float]]) -> float:
+    """Standard error of :func:`pair_ratio`: the median's large-sample error, 1.2533 x sigma / sqrt(n), with sigma
+    read robustly from the per-round ratios' median absolute deviation (one load burst does not inflate it)."""
+    ratios = [b / a for a, b in zip(*times) if a > 0]
+    if len(ratios) < 2:
+        return float("inf")
+    centre = statistics.median(ratios)
+    mad = statistics.median(abs(r - centre) for r in ratios)
+    return 1.2533 * 1.4826 * mad / len(ratios) ** 0.5
+
+
+@dataclass
+class PairTiming:
+    """Interleaved per-round milliseconds of two models (:func:`interleaved_times`) and what they say."""
+
+    first: list[float]
+    second: list[float]
+
+    @property
+    def ratio(self) -> float:
+        return pair_ratio((self.first, self.second))
+
+    @property
+    def standard_error(self) -> float:
+        return ratio_standard_error((self.first, self.second))
+
+    @property
+    def rounds(self) -> int:
+        return len(self.first)
+
+    def extend(self, times: tuple[list[float], list[float]]) -> None:
+        self.first += times[0]
+        self.second += times[1]
+
+
+def time_pair(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
+              rounds: int = 20, placements: int = 1, precision: float | None = None, max_rounds: int = 0,
+              goal: float | None = None, band: float = float("inf")) -> PairTiming:
+    """Time ``second`` against ``first`` (:func:`interleaved_times`), then, while the ratio's standard error is
+    above ``precision`` (a fraction of the ratio) and, with a ``goal``, the ratio lies within ``band`` (a fraction
+    of the goal) of it, time ``rounds`` more on new placements, up to ``max_rounds`` in all. A ratio far from the
+    goal decides alone; one near it is measured until it is precise or the rounds are spent."""
+    timing = PairTiming(*interleaved_times(first, second, inputs, dtype, rounds=rounds, placements=placements))
+    while (precision is not None and timing.rounds + rounds <= max_rounds
+           and timing.standard_error > precision * timing.ratio
+           and (goal is None or abs(timing.ratio - goal) <= band * goal)):
+        timing.extend(interleaved_times(first, second, inputs, dtype, warmup=1, rounds=rounds,
+                                        placements=placements))
+    return timing
 
 
 # -- the lookup table ---------------------------------------------------------------------------------------------
