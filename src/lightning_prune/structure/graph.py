@@ -621,6 +621,11 @@ class DependencyGraph:
             resolved.update(module.modules())
         return resolved
 
+    def _index_mapping(self) -> Any:
+        """Torch-Pruning's index mapping made tolerant of ops it cannot map (collected in ``_frozen_nodes``) and
+        bounded by this model's :func:`index_cap`: the context of every trace, grouping, probe and surgery."""
+        return _tolerant_index_mapping(self._frozen_nodes, self._index_cap)
+
     def _forward(self, model: nn.Module, inputs: Any) -> Any:
         return self.forward_fn(model, inputs) if self.forward_fn is not None else call_model(model, inputs)
 
@@ -690,7 +695,7 @@ class DependencyGraph:
         self._frozen_nodes = set()
         called = self._train_modules if train else self._eval_modules
         with preserved_state(self.model), torch.enable_grad(), all_requiring_grad(self.model), \
-                _tolerant_index_mapping(self._frozen_nodes, self._index_cap), _modules_called(called), \
+                self._index_mapping(), _modules_called(called), \
                 (contextlib.nullcontext() if train else observing_widths(self)):
             try:
                 graph.build_dependency(self.model, example_inputs=inputs, forward_fn=forward,
@@ -744,7 +749,7 @@ class DependencyGraph:
         assert graph is not None
         groups: list[ChannelGroup] = []
         root_types = [_CONV, nn.Linear]
-        with _tolerant_index_mapping(self._frozen_nodes, self._index_cap), _index_mapping_updated_once():
+        with self._index_mapping(), _index_mapping_updated_once():
             tp_groups = self._tp_groups(root_types)
         frozen_modules = {node.module for node in self._frozen_nodes}
         for tp_group in tp_groups:
@@ -783,7 +788,7 @@ class DependencyGraph:
         """``probe(channels)``: the members (with positions) Torch-Pruning's surgery would cut for removing
         ``channels`` of the group rooted at ``root``, without cutting anything (the dependency walk only). Inside
         the block nothing changes the model, so the index mapping is derived once for all probes."""
-        with _tolerant_index_mapping(self._frozen_nodes, self._index_cap), _index_mapping_updated_once():
+        with self._index_mapping(), _index_mapping_updated_once():
             yield lambda channels: self._members(self._tp.get_pruning_group(root[0], root[1], list(channels)))
 
     def _reject_mapping(self, name: str, tp_group: Any, members: list[GroupMember], size: int) -> bool:
@@ -969,7 +974,7 @@ class DependencyGraph:
         snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
         lineage = ParameterLineage()
         try:
-            with lineage.recording(), torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes, self._index_cap):
+            with lineage.recording(), torch.no_grad(), self._index_mapping():
                 for name, indices in checked.items():
                     module, handler = by_name[name]._root
                     self._tp.get_pruning_group(module, handler, indices).prune()
@@ -1163,7 +1168,7 @@ class DependencyGraph:
         by_name = {g.name: g for g in self.groups}
         snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
         try:
-            with torch.no_grad(), _tolerant_index_mapping(self._frozen_nodes, self._index_cap):
+            with torch.no_grad(), self._index_mapping():
                 for name, indices in removals.items():
                     module, handler = by_name[name]._root
                     self._tp.get_pruning_group(module, handler, indices).prune()
