@@ -47,8 +47,7 @@ from _common import machine_description, write_results  # noqa: E402
 from lightning_prune.models import create_model  # noqa: E402
 from lightning_prune.pruning import prune  # noqa: E402
 from lightning_prune.structure import DependencyGraph, count_flops  # noqa: E402
-from lightning_prune.structure.latency import (LatencyModel, pair_ratio, placement_blocks,  # noqa: E402
-                                               time_pair)
+from lightning_prune.structure.latency import LatencyModel, time_pair  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "latency_target.md"
 MODELS = {"resnet56": (32, 64, 10), "resnet18": (224, 8, 1000), "mobilenet_v2": (224, 8, 1000),
@@ -65,11 +64,7 @@ def measured(dense: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, ro
              max_rounds: int) -> dict:
     """Dense ms, the pooled per-round ratio, its standard error, the rounds and the per-placement ratios."""
     timing = time_pair(dense, model, x, rounds=rounds, placements=placements, precision=0.01, max_rounds=max_rounds)
-    per_placement, at = [], 0
-    for _ in range(timing.rounds // rounds):
-        for size in placement_blocks(rounds, placements):
-            per_placement.append(pair_ratio((timing.first[at:at + size], timing.second[at:at + size])))
-            at += size
+    per_placement = timing.placement_ratios()
     return {"dense_ms": statistics.median(timing.first), "ratio": timing.ratio, "se": timing.standard_error,
             "rounds": timing.rounds, "spread": (min(per_placement), max(per_placement))}
 

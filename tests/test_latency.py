@@ -95,6 +95,11 @@ def test_time_pair_extends_only_while_imprecise_and_near_the_goal():
     # a ratio far from the goal decides alone; no precision asked: one block
     assert time_pair(model, other, BATCH[:4], rounds=3, precision=0.0, max_rounds=9, goal=50.0, band=0.06).rounds == 3
     assert time_pair(model, other, BATCH[:4], rounds=3).rounds == 3
+    # each placement's own rounds are kept apart, across the extension too
+    timing = time_pair(model, other, BATCH[:4], rounds=3, placements=2, precision=0.0, max_rounds=6)
+    assert timing.blocks == [2, 1, 2, 1] and sum(timing.blocks) == timing.rounds
+    ratios = timing.placement_ratios()
+    assert len(ratios) == 4 and ratios[2] == pair_ratio((timing.first[3:5], timing.second[3:5]))
 
 
 def test_event_stops_only_where_a_later_measurement_stays_within_tolerance():

@@ -28,7 +28,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -208,6 +208,8 @@ class PairTiming:
 
     first: list[float]
     second: list[float]
+    #: rounds timed on each memory placement, in order (:func:`placement_blocks` of every call)
+    blocks: list[int] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -221,9 +223,18 @@ class PairTiming:
     def rounds(self) -> int:
         return len(self.first)
 
-    def extend(self, times: tuple[list[float], list[float]]) -> None:
+    def placement_ratios(self) -> list[float]:
+        """:func:`pair_ratio` of each placement's own rounds."""
+        ratios, at = [], 0
+        for size in self.blocks:
+            ratios.append(pair_ratio((self.first[at:at + size], self.second[at:at + size])))
+            at += size
+        return ratios
+
+    def extend(self, times: tuple[list[float], list[float]], blocks: list[int]) -> None:
         self.first += times[0]
         self.second += times[1]
+        self.blocks += blocks
 
 
 def time_pair(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
@@ -233,12 +244,14 @@ def time_pair(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dty
     above ``precision`` (a fraction of the ratio) and, with a ``goal``, the ratio lies within ``band`` (a fraction
     of the goal) of it, time ``rounds`` more on new placements, up to ``max_rounds`` in all. A ratio far from the
     goal decides alone; one near it is measured until it is precise or the rounds are spent."""
-    timing = PairTiming(*interleaved_times(first, second, inputs, dtype, rounds=rounds, placements=placements))
+    blocks = placement_blocks(rounds, placements)
+    timing = PairTiming(*interleaved_times(first, second, inputs, dtype, rounds=rounds, placements=placements),
+                        blocks=list(blocks))
     while (precision is not None and timing.rounds + rounds <= max_rounds
            and timing.standard_error > precision * timing.ratio
            and (goal is None or abs(timing.ratio - goal) <= band * goal)):
         timing.extend(interleaved_times(first, second, inputs, dtype, warmup=1, rounds=rounds,
-                                        placements=placements))
+                                        placements=placements), blocks)
     return timing
 
 
