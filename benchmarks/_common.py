@@ -37,7 +37,14 @@ def machine_description(threads: int | None) -> list[str]:
         f"start: {load}",
         f"- torch {torch.__version__}, torchvision {torchvision.__version__}, pytorch-lightning {pl.__version__}, "
         f"torch_pruning {getattr(torch_pruning, '__version__', '?')}, fvcore {getattr(fvcore, '__version__', '?')}",
+        f"- Memory allocator: {allocator_description()}",
     ]
+
+
+def allocator_description() -> str:
+    """glibc malloc's tunables and a preloaded allocator, as set in the environment (they change CPU latency)."""
+    settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
+    return ", ".join(f"`{s}`" for s in settings) if settings else "the C library's default (no MALLOC_* settings)"
 
 
 def write_results(path: Path, text: str) -> None:

@@ -12,7 +12,10 @@ variant, variant, dense, ...), so a shared machine's changing load falls on both
 blocks of rounds, each block after the first on fresh copies of both models (on CPU a model's speed depends on
 where its weights lie in memory), and extended by ``--rounds`` more until the ratio's standard error is 1 % of
 it or ``--max-rounds`` are spent. The ratio is the median of the per-round ratios; its standard error and the
-spread of the per-placement ratios are reported beside it.
+spread of the per-placement ratios are reported beside it. The page faults of one warm forward pass of the dense
+model and of the latency variant are reported too: a model whose passes map fresh memory measures differently
+with the allocator's state; run with ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184`` to rule that out
+(the allocator settings are printed with the machine).
 Goal: measured ratio <= (1 - r) x 1.05 for the latency target in every case. Also reported: the latency table's
 build time and the number of distinct layer timings (a machine-independent count), the event's wall time, the
 table's prediction error at the pruned widths, and the FLOPs ratio each variant reaches.
@@ -47,7 +50,7 @@ from _common import machine_description, write_results  # noqa: E402
 from lightning_prune.models import create_model  # noqa: E402
 from lightning_prune.pruning import prune  # noqa: E402
 from lightning_prune.structure import DependencyGraph, count_flops  # noqa: E402
-from lightning_prune.structure.latency import LatencyModel, time_pair  # noqa: E402
+from lightning_prune.structure.latency import LatencyModel, page_faults_per_forward, time_pair  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "latency_target.md"
 MODELS = {"resnet56": (32, 64, 10), "resnet18": (224, 8, 1000), "mobilenet_v2": (224, 8, 1000),
@@ -91,9 +94,11 @@ def run_case(name: str, dense: torch.nn.Module, x: torch.Tensor, target: float, 
         row[f"{label}_se"], row[f"{label}_rounds"] = m["se"], m["rounds"]
         row[f"{label}_flops_ratio"] = count_flops(model, x[:1]) / dense_flops
     row["dense_ms"] = dense_ms
+    row["faults"] = (page_faults_per_forward(dense, x), page_faults_per_forward(latency_model, x))
     row["predicted_ratio"] = report.predicted_latency_ms / report.dense_latency_ms
     row["event_ratio"] = report.latency_ratio
-    row["event_steps"] = len(report.latency_steps)  # plan + corrections, each measured by the event
+    row["event_steps"] = len(report.latency_steps)  # plan + corrections (+ steps taken back), each measured
+    row["taken_back"] = sum(s["kind"] == "taken back" for s in report.latency_steps)
     row["met"] = row["latency_ratio"] <= (1 - target) * (1 + TOLERANCE)
     return row
 
@@ -111,8 +116,8 @@ def render(rows: list[dict], tables: dict, args: argparse.Namespace, started: st
              "its FLOPs ratio | "
              "table predicted | event's own measurement (rounds) | re-measured right after the event | "
              "flops_reduction target: latency ratio | its FLOPs ratio | "
-             "dense ms | event s | event steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "dense ms | event s | event steps (taken back) | page faults per pass: dense, latency variant |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['target']:.1f} | {1 - r['target']:.3f} | "
                      f"**{r['latency_ratio']:.3f}** | {r['latency_se']:.3f} ({r['latency_rounds']}) | "
@@ -122,7 +127,7 @@ def render(rows: list[dict], tables: dict, args: argparse.Namespace, started: st
                      f"{r['event_ratio']:.3f} +- {r['event_se']:.3f} ({r['event_rounds']}) | "
                      f"{r['right_after']:.3f} | {r['flops_ratio']:.3f} | "
                      f"{r['flops_flops_ratio']:.3f} | {r['dense_ms']:.1f} | {r['event_s']:.1f} | "
-                     f"{r.get('event_steps', '')} |")
+                     f"{r.get('event_steps', '')} ({r.get('taken_back', 0)}) | {_faults(r.get('faults'))} |")
     lines += ["", "Latency tables (built once per model, then read from the cache):", "",
               "| model | layers in table | distinct layer timings (incl. round_to probes) | build s |", "|---|---|---|---|"]
     for name, t in tables.items():
@@ -132,6 +137,10 @@ def render(rows: list[dict], tables: dict, args: argparse.Namespace, started: st
     lines += ["", f"Load average at the last row ({datetime.datetime.utcnow():%H:%M} UTC): "
               + ", ".join(f"{v:.2f}" for v in os.getloadavg())]
     return "\n".join(lines) + "\n"
+
+
+def _faults(faults: tuple | None) -> str:
+    return ", ".join("-" if f is None else f"{f:,.0f}" for f in faults) if faults else "-"
 
 
 def main(argv: list[str] | None = None) -> None:

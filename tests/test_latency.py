@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import platform
 
 import pytest
 import torch
@@ -111,6 +112,42 @@ def test_event_stops_only_where_a_later_measurement_stays_within_tolerance():
     assert not settled(0.499, 0.02, goal, aim)  # at the goal by a lucky draw: 2 errors above it miss 5 %
     assert 0.499 + CONFIDENCE_Z * 0.02 > goal * (1 + TOLERANCE)
     assert settled(0.48, 0.05, goal, aim)  # already past the aim: a further step only trades accuracy for noise
+
+
+ALLOCATOR_SCRIPT = """
+import warnings, torch
+from torch import nn
+from lightning_prune.allocation.latency import LatencyTarget
+torch.set_num_threads(1)
+model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1))
+target = LatencyTarget(torch.randn(16, 3, 32, 32))  # 4 MiB activations
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    target.check_allocator(model)
+print(target.page_faults, sum("MALLOC_MMAP_MAX_=0" in str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc's malloc tunables and Linux page-fault counts")
+@pytest.mark.parametrize("env, faulting", [({"MALLOC_MMAP_THRESHOLD_": "131072"}, True),
+                                           ({"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}, False)])
+def test_a_forward_that_maps_fresh_memory_every_pass_is_named_with_the_allocator_remedy(env, faulting):
+    """A real child process per allocator setting: with a fixed 128 KiB mmap threshold glibc maps every
+    activation anew each pass (each 4 MiB tensor is 1024 page faults), and the warning names the remedy; with the
+    remedy's settings a warm pass maps nothing new and nothing is said."""
+    import os
+    import subprocess
+    import sys
+
+    from lightning_prune.structure.latency import FAULTS_WARNING
+
+    result = subprocess.run([sys.executable, "-c", ALLOCATOR_SCRIPT], env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    faults, warned = result.stdout.split()
+    assert (float(faults) >= FAULTS_WARNING) == faulting, faults
+    assert int(warned) == int(faulting)
 
 
 # -- the table --------------------------------------------------------------------------------------------------
@@ -229,8 +266,8 @@ def test_event_corrects_a_table_that_promises_too_much_in_small_measured_steps(t
     the width removed (far more than the kernels give): the first plan prunes too little, the event measures it,
     and corrects in steps that each lower the budget by a bounded fraction, until its own measurement meets the
     goal or the steps run out; every step is reported."""
-    from lightning_prune.allocation.latency import (AIM_MARGIN, MAX_CORRECTION, LatencyTarget, correction_factor,
-                                                    settled)
+    from lightning_prune.allocation.latency import (AIM_MARGIN, MAX_CORRECTION, MAX_TAKE_BACKS, LatencyTarget,
+                                                    correction_factor, overshot, settled)
 
     x = torch.randn(32, 3, 32, 32)
     table = LatencyModel.build(DependencyGraph(small_cnn().eval(), x[:2]), x, cache_dir=tmp_path)
@@ -244,18 +281,29 @@ def test_event_corrects_a_table_that_promises_too_much_in_small_measured_steps(t
     report = prune(model, x[:2], latency_reduction=0.5, latency_input=x, latency_cache=str(tmp_path))
     steps = report.latency_steps
     assert 1 <= len(steps) <= LatencyTarget(x).max_calibrations + 1
-    assert [s["kind"] for s in steps] == ["plan"] + ["correction"] * (len(steps) - 1)
+    kinds = [s["kind"] for s in steps]
+    committed = [s for s in steps if s["kind"] != "taken back"]
+    assert [s["kind"] for s in committed] == ["plan"] + ["correction"] * (len(committed) - 1)
     aim = 0.5 * (1 - AIM_MARGIN)
     # The first plan goes half of the (log) way to the aim; each correction lowers the budget by the measured miss.
     assert steps[0]["budget_ms"] == pytest.approx(table.dense_ms * correction_factor(aim, 1.0))
+    now = table.dense_ms  # the table's prediction for the model as it stands (changes only on a commit)
     for before, after in zip(steps, steps[1:]):
+        if before["kind"] == "taken back":  # landed far below the goal: retried at half the step, from `now`
+            assert overshot(before["measured_ratio"], 0.5)
+            assert after["budget_ms"] == pytest.approx(now * (before["budget_ms"] / now) ** 0.5)
+            continue
+        now = before["predicted_ms"]
         # a correction follows a miss, or a ratio at the goal too uncertain to stop on
         assert not settled(before["measured_ratio"], before["standard_error"], 0.5, aim)
         factor = correction_factor(aim, before["measured_ratio"])
         assert after["budget_ms"] == pytest.approx(before["predicted_ms"] * factor)
         far = factor ** 2 == pytest.approx(aim / before["measured_ratio"])
         assert factor < 1 and (factor >= 1 - MAX_CORRECTION or far)
-    assert report.latency_ratio == pytest.approx(steps[-1]["measured_ratio"])
+    assert "taken back" * (MAX_TAKE_BACKS + 1) not in "".join(kinds)  # at most MAX_TAKE_BACKS in a row
+    assert report.latency_ratio == pytest.approx(committed[-1]["measured_ratio"])
+    # what was taken back left no trace: the model has the widths of the last committed step
+    assert LatencyModel.from_dict(data).predict(report.widths_after) == pytest.approx(committed[-1]["predicted_ms"])
     assert report.target_met == (report.latency_ratio <= 0.5 * 1.05)
     # The doctored table predicts the first plan's latency far below what the event measured: it had to correct.
     assert steps[0]["predicted_ms"] / table.dense_ms < steps[0]["measured_ratio"]
@@ -266,6 +314,32 @@ def test_event_corrects_a_table_that_promises_too_much_in_small_measured_steps(t
 def _staircase(block: int, offsets=STEP_OFFSETS) -> list[float]:
     """Time of a kernel that pads channels to blocks of ``block``: 64 channels minus each offset."""
     return [float(-(-(64 - d) // block)) for d in offsets]
+
+
+def test_a_step_that_lands_far_below_the_goal_is_taken_back_and_retried_smaller(tmp_path):
+    """A table doctored to promise almost no saving per channel makes the greedy remove far too much: the step is
+    measured tentatively, lands far below the goal, is taken back (the model is put back exactly, nothing else
+    sees it) and retried at half the step, at most MAX_TAKE_BACKS times in a row; the event then goes on from
+    what it committed, and the report shows every measured step."""
+    from lightning_prune.allocation.latency import MAX_TAKE_BACKS, overshot
+
+    x = torch.randn(32, 3, 32, 32)
+    table = LatencyModel.build(DependencyGraph(small_cnn().eval(), x[:2]), x, cache_dir=tmp_path)
+    data = table.to_dict()
+    for e in data["entries"].values():
+        dense = e["ms"][-1][-1]
+        e["ms"] = [[dense * (i / e["in_points"][-1] * o / e["out_points"][-1]) ** 0.02 for o in e["out_points"]]
+                   for i in e["in_points"]]
+    (tmp_path / f"{table.key}.json").write_text(json.dumps(data))
+    report = prune(small_cnn(), x[:2], latency_reduction=0.5, latency_input=x, latency_cache=str(tmp_path))
+    kinds = [s["kind"] for s in report.latency_steps]
+    assert kinds[:MAX_TAKE_BACKS + 1] == ["taken back"] * MAX_TAKE_BACKS + ["plan"], kinds
+    taken = report.latency_steps[:MAX_TAKE_BACKS]
+    assert all(overshot(s["measured_ratio"], 0.5) for s in taken)
+    assert taken[0]["budget_ms"] < taken[1]["budget_ms"] < report.latency_steps[MAX_TAKE_BACKS]["budget_ms"]
+    committed = [s for s in report.latency_steps if s["kind"] != "taken back"]
+    assert report.latency_ratio == pytest.approx(committed[-1]["measured_ratio"])
+    assert LatencyModel.from_dict(data).predict(report.widths_after) == pytest.approx(committed[-1]["predicted_ms"])
 
 
 def test_correction_steps_are_small_near_the_goal_and_halve_the_gap_far_from_it():
@@ -348,8 +422,9 @@ def test_latency_argument_values_are_checked_before_touching_the_model():
 
 
 # -- the callback -----------------------------------------------------------------------------------------------
-def _trainer(tmp_path, callbacks, max_epochs, **kwargs):
-    import pytorch_lightning as pl
+def _trainer(tmp_path, callbacks, max_epochs, pl=None, **kwargs):
+    if pl is None:
+        import pytorch_lightning as pl
 
     return pl.Trainer(accelerator="cpu", max_epochs=max_epochs, callbacks=callbacks, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
@@ -408,6 +483,37 @@ def test_bad_latency_input_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="latency_input: the forward"):
         trainer.fit(module_class(pl)(), **fit_data(pl, digits(batch_size=32)))
     assert count.batches == 0
+
+
+def test_callback_names_a_page_faulting_forward_once_before_training(tmp_path, monkeypatch, lightning_ns):
+    """The allocator check runs in the preflight (rank zero), before the first training batch, and not again at
+    the event; under both Lightning packages. The threshold is lowered to 0 faults so that the warning does not
+    depend on this machine's malloc (the faulting itself is tested with real allocator settings above)."""
+    import warnings
+
+    pl = lightning_ns
+    from lightning_prune.allocation import latency as latency_allocation
+    from tests.lightning_modules import IMAGE, digits, fit_data, module_class
+
+    monkeypatch.setattr(latency_allocation, "FAULTS_WARNING", 0)
+    at_first_batch: list[int] = []
+
+    class FirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not at_first_batch:
+                at_first_batch.append(len(advice(caught)))
+
+    def advice(records):
+        return [w for w in records if "MALLOC_MMAP_MAX_=0" in str(w.message)]
+
+    callback = PruneCallback(latency_reduction=0.3, epochs=[1], latency_input=torch.zeros(32, 1, IMAGE, IMAGE),
+                             latency_cache=str(tmp_path / "cache"), verbose=False)
+    trainer = _trainer(tmp_path, [callback, FirstBatch()], max_epochs=2, pl=pl)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module_class(pl)(), **fit_data(pl, digits(batch_size=32)))
+    assert callback.done_epochs == [1]  # the event ran (and took its table) ...
+    assert at_first_batch == [1] and len(advice(caught)) == 1  # ... and the warning came once, before training
 
 
 # -- DDP --------------------------------------------------------------------------------------------------------

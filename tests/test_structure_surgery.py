@@ -560,6 +560,36 @@ def test_failed_surgery_is_rolled_back():
     assert model.conv2.out_channels == 5 and model.fc1.in_features == 5 * 16
 
 
+def test_tentative_surgery_is_put_back_exactly_even_when_interrupted():
+    """``graph.tentatively(removals)`` yields the really pruned model (a latency step is measured on it) and then
+    restores the model (same Parameter objects, values, shapes, modes), Torch-Pruning's op records, the plan and
+    the groups, also when the body raises (KeyboardInterrupt included); afterwards the graph prunes as before."""
+    model, x = build("resnet18")
+    graph = DependencyGraph(model, x)
+    before, parameters = model_fingerprint(model), list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    removals = {"layer1.0.conv1": [0, 5, 9], "layer3.0.conv1": list(range(10))}
+    with torch.no_grad():
+        expected = model(x)
+    with graph.tentatively(removals) as pruned:
+        assert pruned is model and model.layer1[0].conv1.out_channels == 61 and model.layer3[0].conv1.out_channels == 246
+        assert graph.group("layer3.0.conv1").size == 246 and not graph.plan.is_empty()
+        model(x)
+    assert_unchanged(model, before)
+    assert all(a is b for a, b in zip(model.parameters(), parameters))
+    assert optimizer.param_groups[0]["params"] == parameters  # nothing outside the graph saw the tentative model
+    assert graph.plan.is_empty() and graph.group("layer3.0.conv1").size == 256
+    with pytest.raises(KeyboardInterrupt):
+        with graph.tentatively(removals):
+            raise KeyboardInterrupt
+    assert_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    graph.prune_groups(removals)  # the graph still fits the model
+    assert model.layer3[0].conv1.out_channels == 246 and graph.group("layer3.0.conv1").size == 246
+    model(x)
+
+
 # -- bounded graph building ------------------------------------------------------------------------------------
 class SlowForward(nn.Module):
     def __init__(self, seconds: float):

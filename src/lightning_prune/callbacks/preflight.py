@@ -133,6 +133,10 @@ def _dry_run(callback: Any, trainer: Any, pl_module: Any) -> None:
             check_forward(pl_module, callback.latency_input, "latency_input", forward_fn)
         except PreflightError as error:
             raise PreflightError("latency_input" + str(error)[len("example_input"):]) from error.__cause__
+    if getattr(callback, "target_kind", None) == "latency" and trainer.global_rank == 0:
+        # rank zero measures latency: say before training if its measurements will depend on the allocator
+        callback._latency_target(move_to_device(example, pl_module.device), pl_module).check_allocator(pl_module)
+        callback._allocator_checked = True
 
     if needs_scoring:
         loader = scoring_dataloader(callback, trainer)

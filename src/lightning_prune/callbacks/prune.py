@@ -185,6 +185,7 @@ class PruneCallback(Callback):
         #: latency targets: the lookup table (plain data, rank zero's) and the measured ratio vs the dense model
         self.latency_table: dict[str, Any] | None = None
         self.latency_ratio: float = 1.0
+        self._allocator_checked = False  # latency targets: the page-fault check ran before training (preflight)
         self._hooks: list[Callable[[], None]] = []  # removers of everything installed on the trainer/module
         self._last_loss: torch.Tensor | None = None
         self._resume_restore: Callable[[], None] | None = None
@@ -469,7 +470,7 @@ class PruneCallback(Callback):
         inputs = example if self.latency_input is None else _to_device(self.latency_input, pl_module.device)
         table = LatencyModel.from_dict(self.latency_table) if self.latency_table else None
         return LatencyTarget(inputs, self.latency_dtype, cache_dir=self.latency_cache, table=table,
-                             ratio=self.latency_ratio)
+                             ratio=self.latency_ratio, allocator_checked=self._allocator_checked)
 
     def _example_input(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         example = self.example_input if self.example_input is not None else pl_module.example_input_array

@@ -1161,6 +1161,21 @@ class DependencyGraph:
         """Torch-Pruning's op modules (concat, split, reshape...): outside the model, edited by surgery."""
         return [m for m in self._tp.module2node if isinstance(m, nn.Module) and m not in self._names]
 
+    @contextlib.contextmanager
+    def tentatively(self, removals: Mapping[str | ChannelGroup, Iterable[int]]) -> Iterator[nn.Module]:
+        """Prune ``removals`` (:meth:`prune_groups`, with its checks; :class:`PruningError` if it fails), yield the
+        pruned model, and on exit, whatever happened inside, put back exactly what was there: the model's
+        tensors and attributes, Torch-Pruning's op records, the plan and the groups. To measure a candidate before
+        committing to it; nothing else (optimizers, other callbacks) sees the tentative model."""
+        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
+        plan, sizes_after = self.plan, self._sizes_after
+        try:
+            self.prune_groups(removals)
+            yield self.model
+        finally:
+            snapshot.restore()
+            self.plan, self._sizes_after, self._groups = plan, sizes_after, None
+
     def _trial_surgery(self, removals: Mapping[str, list[int]]) -> str | None:
         """Remove ``removals`` from this graph's model with the usual checks, then put everything back in place,
         Torch-Pruning's own op records (concat/split sizes) included, so the next probe needs no rebuild. Returns

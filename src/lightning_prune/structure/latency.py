@@ -16,6 +16,10 @@ are assumed to shrink like the timed layers; the allocation corrects what the ta
 (:mod:`lightning_prune.allocation.latency`). Tables are cached on disk, keyed by device, torch version, model
 structure, input shape and dtype.
 
+On CPU a warm forward pass can still map fresh memory: glibc's malloc hands large activation buffers back to the
+OS and maps them again, how often depending on its history, so latency moves with the allocator's state
+(:func:`page_faults_per_forward` counts it, :data:`FAULTS_WARNING` says when it matters).
+
 For ``round_to="auto"`` the table also times, per group, the heaviest layer writing it and the heaviest layer
 reading it at widths ``w - d`` for ``d`` in :data:`STEP_OFFSETS` below an aligned width ``w`` (``steps``);
 :func:`step_from_timings` reads from them the width step the kernels favour (see there).
@@ -116,6 +120,56 @@ def measure_latency(model: nn.Module, inputs: Any, dtype: torch.dtype | None = N
     with preserved_state(model), torch.inference_mode(), _autocast(device, dtype if device.type == "cuda" else None):
         model.eval()
         return time_calls(lambda: call_model(model, inputs), device, warmup=warmup, rounds=rounds)
+
+
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (None where the OS does not count them, e.g. Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def page_faults_per_forward(model: nn.Module, inputs: Any, *, warmup: int = 3, rounds: int = 3) -> float | None:
+    """Median minor page faults of one warm forward pass of ``model`` on CPU ``inputs`` (eval mode,
+    ``inference_mode``); None on other devices or where the OS does not count them. A warm pass that faults maps
+    fresh memory for its activations: glibc's malloc gives allocations above its (moving) mmap threshold back to the
+    OS when they are freed, so the next pass maps and zeroes them again (see :data:`FAULTS_WARNING`). [measured]
+    Three warm-up passes: a heap that keeps freed memory still grows during the first passes (torchvision
+    ResNet-50 at batch 8, 224^2, with MALLOC_MMAP_MAX_=0: 30,016, 12,544, 1,568, then 0 faults per pass; with
+    the default malloc 30,000-60,000 on every pass)."""
+    if _first_device(inputs).type != "cpu" or minor_page_faults() is None:
+        return None
+    counts = []
+    with preserved_state(model), torch.inference_mode():
+        model.eval()
+        for _ in range(warmup):
+            call_model(model, inputs)
+        for _ in range(rounds):
+            before = minor_page_faults()
+            call_model(model, inputs)
+            counts.append(minor_page_faults() - before)
+    return float(statistics.median(counts))
+
+
+#: [measured] page faults per warm forward pass above which a CPU latency measurement depends on the allocator's
+#: state: dense MobileNetV2 at batch 8, 224^2 faulted 13,000-27,000 times per pass (the count moving from pass to
+#: pass) and its latency ratio to a pruned copy moved 0.57-0.89 between processes; with MALLOC_MMAP_MAX_=0 and a
+#: high MALLOC_TRIM_THRESHOLD_ it faulted 0 times (docs/benchmarks.md section 7). 1024 pages = 4 MiB per pass.
+FAULTS_WARNING = 1024
+
+
+def allocator_advice(faults: float) -> str:
+    """The warning for a model whose warm forward pass page-faults ``faults`` times."""
+    return (f"latency_reduction: each forward pass of the model at latency_input page-faults about {faults:,.0f} "
+            f"times on CPU (about {faults * 4096 / 2 ** 20:,.0f} MiB of memory mapped anew per pass): the C "
+            "library's malloc returns large activation buffers to the OS and maps them again, how often depends on "
+            "the allocator's history, and the measured latency (and so the latency target) can move between "
+            "processes by more than the target's 5 % tolerance (MobileNetV2 on the development machine: its "
+            "latency ratio to a pruned copy moved between 0.57 and 0.89). For a stable latency target, start Python "
+            "with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 (glibc then keeps freed memory for reuse: 0 "
+            "page faults per pass there; see the README's latency section).")
 
 
 def measure_ratio(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
