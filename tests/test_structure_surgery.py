@@ -572,7 +572,8 @@ def test_tentative_surgery_is_put_back_exactly_even_when_interrupted():
     with torch.no_grad():
         expected = model(x)
     with graph.tentatively(removals) as pruned:
-        assert pruned is model and model.layer1[0].conv1.out_channels == 61 and model.layer3[0].conv1.out_channels == 246
+        assert pruned is model
+        assert model.layer1[0].conv1.out_channels == 61 and model.layer3[0].conv1.out_channels == 246
         assert graph.group("layer3.0.conv1").size == 246 and not graph.plan.is_empty()
         model(x)
     assert_unchanged(model, before)

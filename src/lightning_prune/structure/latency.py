@@ -154,9 +154,10 @@ def page_faults_per_forward(model: nn.Module, inputs: Any, *, warmup: int = 3, r
 
 
 #: [measured] page faults per warm forward pass above which a CPU latency measurement depends on the allocator's
-#: state: dense MobileNetV2 at batch 8, 224^2 faulted 13,000-27,000 times per pass (the count moving from pass to
-#: pass) and its latency ratio to a pruned copy moved 0.57-0.89 between processes; with MALLOC_MMAP_MAX_=0 and a
-#: high MALLOC_TRIM_THRESHOLD_ it faulted 0 times (docs/benchmarks.md section 7). 1024 pages = 4 MiB per pass.
+#: state: dense MobileNetV2 at batch 8, 224^2 faulted 12,900-39,000 times per pass (the count moving between passes
+#: and processes) and its latency ratio to a pruned copy moved 0.674-0.842 across four processes; with
+#: MALLOC_MMAP_MAX_=0 and a high MALLOC_TRIM_THRESHOLD_ it faulted 0 times and the ratio stayed within 0.682-0.722
+#: (benchmarks/allocator_faults.py, docs/benchmarks.md section 7). 1024 pages = 4 MiB per pass.
 FAULTS_WARNING = 1024
 
 
@@ -167,9 +168,9 @@ def allocator_advice(faults: float) -> str:
             "library's malloc returns large activation buffers to the OS and maps them again, how often depends on "
             "the allocator's history, and the measured latency (and so the latency target) can move between "
             "processes by more than the target's 5 % tolerance (MobileNetV2 on the development machine: its "
-            "latency ratio to a pruned copy moved between 0.57 and 0.89). For a stable latency target, start Python "
-            "with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 (glibc then keeps freed memory for reuse: 0 "
-            "page faults per pass there; see the README's latency section).")
+            "latency ratio to a pruned copy moved between 0.67 and 0.84 across four processes). For a stable "
+            "latency target, start Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 (glibc then "
+            "keeps freed memory for reuse: 0 page faults per pass there; see the README's latency section).")
 
 
 def measure_ratio(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
