@@ -3,10 +3,11 @@ allocator's settings.
 
 A dense model and a copy pruned with ``prune(model, x[:2], "l2", amount=--amount)`` (``mobilenet_v2`` at 224x224
 batch 8 by default, random weights, seed 0, eval mode, one thread) are timed in *separate child processes*, one
-per allocator setting and repeat: each child warms both models, then times ``--rounds`` rounds of (dense, pruned)
-and counts the minor page faults of every pass (``structure.latency.page_faults_per_forward`` counts the same
-thing). Reported per setting: the median and range over the children of the dense model's median ms, the pruned
-one's, their per-round ratio (median) and the faults per pass. Settings (environment of the child):
+per allocator setting and repeat: each child times ``--rounds`` interleaved rounds of (dense, pruned) after 2
+warm-up passes (``structure.latency.interleaved_times``), then counts the minor page faults of a warm pass of each
+model (``structure.latency.page_faults_per_forward``: the median of 3 after 3 warm-up passes). Reported per
+setting: the median and range over the children of the dense model's median ms, the pruned one's, their per-round
+ratio (median) and the faults per pass. Settings (environment of the child):
 
 * ``default``: the C library's malloc as it comes;
 * ``keep``: ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184`` (glibc serves large blocks from the heap and
@@ -50,13 +51,11 @@ SETTINGS = {
 
 def child(model_name: str, amount: float, rounds: int) -> dict:
     """One process's measurement (run with ``--child``): JSON on stdout."""
-    import time
-
     import torch
 
     from lightning_prune.models import create_model
     from lightning_prune.pruning import prune
-    from lightning_prune.structure.latency import minor_page_faults
+    from lightning_prune.structure.latency import interleaved_times, page_faults_per_forward, pair_ratio
 
     torch.set_num_threads(1)
     size, batch, classes = SIZES[model_name]
@@ -66,24 +65,10 @@ def child(model_name: str, amount: float, rounds: int) -> dict:
     pruned = create_model(model_name, num_classes=classes).eval()
     pruned.load_state_dict(dense.state_dict())
     prune(pruned, x[:2], "l2", amount=amount)
-    pruned.eval()
-
-    def timed(model):
-        faults, start = minor_page_faults(), time.perf_counter()
-        with torch.inference_mode():
-            model(x)
-        return (time.perf_counter() - start) * 1e3, minor_page_faults() - faults
-
-    for _ in range(2):
-        timed(dense), timed(pruned)
-    samples = {"dense": [], "pruned": []}
-    for r in range(rounds):
-        for name in (("dense", "pruned") if r % 2 == 0 else ("pruned", "dense")):
-            samples[name].append(timed(dense if name == "dense" else pruned))
-    out = {f"{k}_ms": statistics.median(t for t, _ in v) for k, v in samples.items()}
-    out.update({f"{k}_faults": statistics.median(f for _, f in v) for k, v in samples.items()})
-    out["ratio"] = statistics.median(p[0] / d[0] for d, p in zip(samples["dense"], samples["pruned"]))
-    return out
+    times = interleaved_times(dense, pruned, x, warmup=2, rounds=rounds)
+    return {"dense_ms": statistics.median(times[0]), "pruned_ms": statistics.median(times[1]),
+            "ratio": pair_ratio(times), "dense_faults": page_faults_per_forward(dense, x),
+            "pruned_faults": page_faults_per_forward(pruned, x)}
 
 
 def run_setting(env: dict, args: argparse.Namespace) -> list[dict]:
@@ -107,8 +92,9 @@ def render(rows: dict, args: argparse.Namespace, started: str, machine: list[str
              f"Started {started} UTC. `python benchmarks/allocator_faults.py {' '.join(sys.argv[1:])}`", "",
              *machine, "",
              f"{args.repeats} child processes per setting, one after the other; each times {args.rounds} interleaved "
-             f"rounds of the dense model and a copy pruned with amount={args.amount} (l2) after 2 warm-up passes. "
-             "Cells: median over the children (range).", "",
+             f"rounds of the dense model and a copy pruned with amount={args.amount} (l2) after 2 warm-up passes, "
+             "then counts the page faults of a warm pass of each (median of 3 after 3 warm-up passes). Cells: median "
+             "over the children (range).", "",
              "| setting | environment | dense ms | pruned ms | pruned / dense (median per-round ratio) | "
              "page faults per pass: dense | pruned |", "|---|---|---|---|---|---|---|"]
     for name, results in rows.items():

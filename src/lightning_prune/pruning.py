@@ -42,7 +42,6 @@ from .structure import (
     DependencyGraph,
     EventDeadline,
     FlopsModel,
-    ModelSnapshot,
     PruningPlan,
     SurgeryResult,
     check_graph_options,
@@ -294,14 +293,12 @@ def _run_within(deadline: EventDeadline, graph: DependencyGraph, removed: dict[s
     if deadline.seconds is None:  # nothing can stop it midway: surgery itself is atomic
         run()
         return
-    snapshot, plan = ModelSnapshot(graph.model, extra_modules=graph._operations()), graph.plan.copy()
+    savepoint = graph.savepoint()
     try:
         run()
     except EventTimeoutError:
         if removed:
-            snapshot.restore()  # the model and Torch-Pruning's op records: the graph fits the model again
-            graph.plan = plan
-            graph._groups = None
+            savepoint.restore()  # the model, Torch-Pruning's op records and the plan: the graph fits the model again
             removed.clear()
         raise
 

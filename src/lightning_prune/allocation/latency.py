@@ -396,7 +396,7 @@ class LatencyAllocation(AllocationStrategy):
                     value = target.time_against(reference, model, relative_goal) + (
                         target.table.predict(ctx.graph.widths()),)
             except PruningError:
-                value = None
+                pass  # nothing was tried (the model is as it was): the commit finds the groups to blame
         return ctx.collective.gather(value)[0]
 
     def _commit(self, ctx: AllocationContext, target: LatencyTarget, reference: torch.nn.Module | None,

@@ -474,6 +474,22 @@ class SurgeryResult:
     seconds: float
 
 
+@dataclass
+class GraphSavepoint:
+    """What :meth:`DependencyGraph.savepoint` keeps: references to the model's tensors and attributes and to
+    Torch-Pruning's op records (:class:`ModelSnapshot`), the plan and the cached group sizes. Surgery replaces
+    tensors and the plan rather than editing them, so restoring the references undoes every surgery since."""
+
+    graph: "DependencyGraph"
+    snapshot: ModelSnapshot
+    plan: PruningPlan
+    sizes_after: Any
+
+    def restore(self) -> None:
+        self.snapshot.restore()
+        self.graph.plan, self.graph._sizes_after, self.graph._groups = self.plan, self.sizes_after, None
+
+
 #: keyword options of :class:`DependencyGraph` a caller may pass through (``graph_kwargs=`` of the callback and CLI).
 GRAPH_OPTIONS = ("trace_mode", "protect_outputs", "build_timeout", "max_build_memory_mb", "customized_pruners",
                  "forward_fn")
@@ -1167,14 +1183,18 @@ class DependencyGraph:
         pruned model, and on exit, whatever happened inside, put back exactly what was there: the model's
         tensors and attributes, Torch-Pruning's op records, the plan and the groups. To measure a candidate before
         committing to it; nothing else (optimizers, other callbacks) sees the tentative model."""
-        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
-        plan, sizes_after = self.plan, self._sizes_after
+        savepoint = self.savepoint()
         try:
             self.prune_groups(removals)
             yield self.model
         finally:
-            snapshot.restore()
-            self.plan, self._sizes_after, self._groups = plan, sizes_after, None
+            savepoint.restore()
+
+    def savepoint(self) -> GraphSavepoint:
+        """The model and this graph as they are now; :meth:`GraphSavepoint.restore` puts both back exactly,
+        undoing every surgery made since (the optimizers and other holders of parameters are the caller's)."""
+        return GraphSavepoint(self, ModelSnapshot(self.model, extra_modules=self._operations()), self.plan,
+                              self._sizes_after)
 
     def _trial_surgery(self, removals: Mapping[str, list[int]]) -> str | None:
         """Remove ``removals`` from this graph's model with the usual checks, then put everything back in place,
