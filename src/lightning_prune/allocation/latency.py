@@ -229,11 +229,41 @@ def plan_widths(graph: Any, scores: Mapping[str, torch.Tensor], table: LatencyMo
     """Greedy: new width per group so that ``table.predict(widths) <= budget_ms``, removing first where the score
     lost per predicted millisecond saved is lowest. A move removes ``k`` steps of a group (``k`` about 1/``chunks``
     of its original width, at least one step)."""
-    groups = list(graph.groups)
-    widths = {g.name: g.size for g in groups}
-    state = {}
-    for g in groups:
-        units = _unit_order(g, scores[g.name])  # (score, position), lowest first; one unit = divisions channels
+    ladders = {g.name: _GroupLadder.of(g, scores[g.name], table, round_to, max_group_sparsity, device, dtype, chunks)
+               for g in graph.groups}
+    widths = {name: ladder.group.size for name, ladder in ladders.items()}
+    scale = table.scale()
+    moves = {name: ladder.best_move(widths, table, scale) for name, ladder in ladders.items()}
+    predicted = table.predict(widths)
+    while predicted > budget_ms:
+        options = [(m[0], i, name, m[1]) for i, (name, m) in enumerate(moves.items()) if m is not None]
+        if not options:
+            break
+        _, _, name, lower = min(options)
+        if table.predict({**widths, name: lower}) < budget_ms:
+            lower = ladders[name].widest_within(widths, table, budget_ms, lower)
+        widths[name] = lower
+        predicted = table.predict(widths)
+        for other in _sharing_layers_with(table, name) & moves.keys():
+            moves[other] = ladders[other].best_move(widths, table, scale)
+    return widths
+
+
+@dataclass
+class _GroupLadder:
+    """One group's moves in :func:`plan_widths`: the widths it may take (its step grid down to its floor) and the
+    score each removed unit loses."""
+
+    group: Any
+    step: int
+    floor: int
+    lost_before: list[float]  # lost_before[u]: the normalized score of the group's u lowest units
+    move: int  # the widths tried: every move-th on the grid
+
+    @classmethod
+    def of(cls, g: Any, scores: torch.Tensor, table: LatencyModel, round_to: int | str | None,
+           max_group_sparsity: float, device: torch.device, dtype: torch.dtype | None, chunks: int) -> "_GroupLadder":
+        units = _unit_order(g, scores)  # (score, position), lowest first; one unit = divisions channels
         values = [s for s, _ in units]
         mean = sum(values) / len(values) if values else 1.0
         # [design] Removing a unit costs its share of its group's importance (score / mean / units of the original
@@ -251,23 +281,19 @@ def plan_widths(graph: Any, scores: Mapping[str, torch.Tensor], table: LatencyMo
         normalized = [(v / mean if mean > 0 else v) * weight / total_units
                       / max(1.0 - (done + k) / total_units, 0.05) ** THINNING_POWER for k, v in enumerate(values)]
         step = group_step(g, round_to, device, dtype, table)
-        state[g.name] = {
-            "group": g, "step": step, "floor": _floor_width(g, max_group_sparsity, step),
-            "prefix": [0.0] + list(_cumsum(normalized)),
-            "move": step * max(1, round(g.original_size / chunks / step)),
-        }
-    scale = table.scale()
+        return cls(group=g, step=step, floor=_floor_width(g, max_group_sparsity, step),
+                   lost_before=[0.0] + list(_cumsum(normalized)),
+                   move=step * max(1, round(g.original_size / chunks / step)))
 
-    def candidate(name: str) -> tuple[float, int] | None:
-        """The best move of group ``name``: over the widths on its step grid between its current width and its
-        floor (every ``move``-th, plus the next step), the one losing the least score per millisecond saved. Looking
+    def best_move(self, widths: Mapping[str, int], table: LatencyModel, scale: float) -> tuple[float, int] | None:
+        """``(score lost per millisecond saved, new width)`` of the group's best move, or None: over the widths on
+        its step grid between its current width and its floor (every ``move``-th, plus the next step). Looking
         past the next step matters: kernels are not monotonic in width (a 12-channel conv can be slower than a
         16-channel one), so a myopic step may save nothing."""
-        s = state[name]
-        g, width, step = s["group"], widths[name], s["step"]
-        one_step = step * ((width - 1) // step)  # the next width on the step grid
-        lowers = sorted({w for w in range(one_step, s["floor"] - 1, -s["move"]) if w > 0} |
-                        ({one_step} if one_step >= s["floor"] else set()), reverse=True)
+        g, name, width = self.group, self.group.name, widths[self.group.name]
+        one_step = self.step * ((width - 1) // self.step)  # the next width on the step grid
+        lowers = sorted({w for w in range(one_step, self.floor - 1, -self.move) if w > 0} |
+                        ({one_step} if one_step >= self.floor else set()), reverse=True)
         if not lowers:
             return None
         now = table.group_ms(name, widths)
@@ -277,34 +303,25 @@ def plan_widths(graph: Any, scores: Mapping[str, torch.Tensor], table: LatencyMo
             saved = (now - table.group_ms(name, {**widths, name: lower})) * scale
             if saved <= 1e-9:
                 continue
-            lost = s["prefix"][(g.size - lower) // g.divisions] - s["prefix"][first_unit]
+            lost = self.lost_before[(g.size - lower) // g.divisions] - self.lost_before[first_unit]
             if best is None or lost / saved < best[0]:
                 best = (lost / saved, lower)
         return best
 
-    predicted = table.predict(widths)
-    moves = {g.name: candidate(g.name) for g in groups}
-    while predicted > budget_ms:
-        options = [(c[0], i, name, c[1]) for i, (name, c) in enumerate(moves.items()) if c is not None]
-        if not options:
-            break
-        _, _, name, lower = min(options)
-        if table.predict({**widths, name: lower}) < budget_ms:
-            # The move overshoots the budget: take the widest width of that group that still meets it, so the
-            # last move removes no more than needed.
-            step = state[name]["step"]
-            for width in range(step * ((widths[name] - 1) // step), lower, -step):
-                if width >= state[name]["floor"] and table.predict({**widths, name: width}) <= budget_ms:
-                    lower = width
-                    break
-        widths[name] = lower
-        predicted = table.predict(widths)
-        touched = {name} | {other for layer in table.by_group.get(name, ()) for other in
-                            (table.entries[layer]["in_group"], table.entries[layer]["out_group"]) if other}
-        for other in touched:
-            if other in moves:
-                moves[other] = candidate(other)
-    return widths
+    def widest_within(self, widths: Mapping[str, int], table: LatencyModel, budget_ms: float, lower: int) -> int:
+        """A move to ``lower`` overshoots the budget: the widest width on the grid above it that still meets the
+        budget, so the last move removes no more than needed (``lower`` if none does)."""
+        name = self.group.name
+        for width in range(self.step * ((widths[name] - 1) // self.step), lower, -self.step):
+            if width >= self.floor and table.predict({**widths, name: width}) <= budget_ms:
+                return width
+        return lower
+
+
+def _sharing_layers_with(table: LatencyModel, name: str) -> set[str]:
+    """``name`` and the groups on the other side of its layers: a move of ``name`` changes their layers' times."""
+    return {name} | {other for layer in table.by_group.get(name, ()) for other in
+                     (table.entries[layer]["in_group"], table.entries[layer]["out_group"]) if other}
 
 
 def _cumsum(values: list[float]) -> list[float]:

@@ -82,41 +82,16 @@ def analyze(
         ValueError: naming ``dataloader`` when a data-driven criterion is requested without one.
     """
     target = check_fraction("target", target)
-    if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, (int, float)) or not 0 < topk_fraction <= 1:
-        raise ValueError(f"topk_fraction must be a number in (0, 1], got {topk_fraction!r}.")
-    resolved = _resolve_criteria(criteria)
-    data_driven = [name for name, c in resolved if getattr(c, "requires_data", False)]
-    if data_driven and dataloader is None:
-        raise ValueError(
-            f"dataloader is required: criteria {data_driven} are data-driven (they score activations), so "
-            "pass dataloader=... (a few training batches), or use weight criteria such as 'l1', 'l2', 'fpgm'."
-        )
-
+    resolved = _checked_criteria(criteria, dataloader, topk_fraction)
     with preserved_state(model):
         if graph is None:
             graph = DependencyGraph(model, example_inputs)
         groups = graph.groups
         names = [g.name for g in groups]
-        scores: dict[str, dict[str, torch.Tensor]] = {}
-        for name, criterion in resolved:
-            if getattr(criterion, "requires_data", False):
-                from ..criteria.scoring import score_groups  # written alongside; imported lazily
-
-                per_group = score_groups(model, groups, criterion, dataloader, scoring_batches=scoring_batches,
-                                         batch_fn=batch_fn, loss_fn=loss_fn, device=device)
-            else:
-                per_group = {g.name: criterion.score(g) for g in groups}
-            scores[name] = {
-                g: torch.as_tensor(per_group[g], dtype=torch.float64).detach().flatten().cpu() for g in names
-            }
-        group_info = {}
-        for g in groups:
-            try:
-                d = int(g.filters().shape[1])
-            except ValueError:
-                d = None
-            group_info[g.name] = {"size": g.size, "original_size": g.original_size, "d": d}
-
+        scores = {name: _criterion_scores(model, groups, criterion, dataloader, scoring_batches=scoring_batches,
+                                          batch_fn=batch_fn, loss_fn=loss_fn, device=device)
+                  for name, criterion in resolved}
+        group_info = {g.name: _group_info(g) for g in groups}
         similarity = group_similarity(scores, names, topk_fraction)
         pooled = global_similarity(scores, names, similarity, topk_fraction)
         ratios = global_ratios(groups, scores, target, global_max_group_sparsity) if groups else {}
@@ -137,3 +112,39 @@ def analyze(
         similarity=similarity, global_similarity=pooled, global_ratios=ratios, applicability=applic,
         cwda=cwda_results, meta=info,
     )
+
+
+def _checked_criteria(criteria: Sequence[Any], dataloader: Iterable | None,
+                      topk_fraction: Any) -> list[tuple[str, Any]]:
+    """``analyze``'s checks before any work: ``topk_fraction``, the criteria, data for the data-driven ones."""
+    if isinstance(topk_fraction, bool) or not isinstance(topk_fraction, (int, float)) or not 0 < topk_fraction <= 1:
+        raise ValueError(f"topk_fraction must be a number in (0, 1], got {topk_fraction!r}.")
+    resolved = _resolve_criteria(criteria)
+    data_driven = [name for name, c in resolved if getattr(c, "requires_data", False)]
+    if data_driven and dataloader is None:
+        raise ValueError(
+            f"dataloader is required: criteria {data_driven} are data-driven (they score activations), so "
+            "pass dataloader=... (a few training batches), or use weight criteria such as 'l1', 'l2', 'fpgm'."
+        )
+    return resolved
+
+
+def _criterion_scores(model: nn.Module, groups: Sequence[Any], criterion: Any, dataloader: Iterable | None,
+                      **scoring: Any) -> dict[str, torch.Tensor]:
+    """One criterion's scores per group, as flat float64 CPU tensors (data-driven ones observe ``dataloader``)."""
+    if getattr(criterion, "requires_data", False):
+        from ..criteria.scoring import score_groups  # written alongside; imported lazily
+
+        per_group = score_groups(model, groups, criterion, dataloader, **scoring)
+    else:
+        per_group = {g.name: criterion.score(g) for g in groups}
+    return {g.name: torch.as_tensor(per_group[g.name], dtype=torch.float64).detach().flatten().cpu() for g in groups}
+
+
+def _group_info(group: Any) -> dict[str, Any]:
+    """Width, original width and filter dimension ``d`` (None where the group has no single filter shape)."""
+    try:
+        d = int(group.filters().shape[1])
+    except ValueError:
+        d = None
+    return {"size": group.size, "original_size": group.original_size, "d": d}

@@ -8,10 +8,11 @@ is the accuracy of the network pruned (masked) to the target with those ``α``, 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -242,162 +243,226 @@ class Blend(Criterion):
             evaluate: returns the accuracy (higher = better) of the model as it is now on held-out batches; it is
                 called inside :meth:`DependencyGraph.masked`, with the model in eval mode (modes are restored).
             removal_counts: ``{group name: channels to remove}``, the pruning target.
+            collective: the DDP ranks, which share the evaluations (default a single process).
 
         Data-driven members must have observed their data first (``score_groups(model, groups, blend,
         dataloader)``). Afterwards :meth:`score` uses the best ``α`` found; the result is also in ``self.result``.
         """
         start = time.perf_counter()
-        groups = {g.name: g for g in graph.groups}
-        targets = {}
-        for name, n in removal_counts.items():
-            if name not in groups:
-                try:
-                    graph.group(name)
-                except KeyError as error:
-                    raise ValueError(f"removal_counts: {error.args[0]} Accepted values are the names of "
-                                     "graph.groups.") from None
-            if int(n) > 0:
-                targets[name] = (groups[name], int(n))
+        layout = _GenomeLayout(self, graph, removal_counts)
         rng = np.random.RandomState(self.seed)
-
-        # Per group: member ranks, the genome slice over members, which entries the search may move.
-        layout = []  # (group name, group, n, member names, ranks, searchable mask)
-        for name, (group, n) in targets.items():
-            ranks = self.member_ranks(group)
-            names = list(ranks)
-            reps = set(self.representatives(ranks))
-            layout.append((name, group, n, names, ranks, np.array([m in reps for m in names])))
-        searchable = np.concatenate([entry[5] for entry in layout]) if layout else np.zeros(0, dtype=bool)
-        slices, offset = [], 0
-        for entry in layout:
-            slices.append(slice(offset, offset + len(entry[3])))
-            offset += len(entry[3])
-
-        def alphas_of(genome: np.ndarray) -> dict[str, dict[str, float]]:
-            result = {}
-            for (name, _, _, names, _, mask), sl in zip(layout, slices):
-                weights = genome[sl].copy()
-                if weights.sum() <= 0:
-                    weights = mask / mask.sum()
-                weights = weights / weights.sum()
-                result[name] = {m: float(w) for m, w in zip(names, weights)}
-            return result
-
-        cache: dict[bytes, float] = {}
-        evaluations = 0
-        ranks_of = collective if collective is not None else LOCAL
-        deadline = None if self.time_limit_s is None else start + float(self.time_limit_s)
-        modes = [(m, m.training) for m in graph.model.modules()]
-
-        def removals_of(genome: np.ndarray) -> dict[str, list[int]]:
-            alphas = alphas_of(genome)
-            return {name: group.lowest(self._blend(ranks, alphas[name]), n)
-                    for (name, group, n, _, ranks, _) in layout}
-
-        def fitnesses(genomes: list[np.ndarray]) -> list[float]:
-            """Fitness of every genome; the unseen ones are dealt round-robin to the DDP ranks, each evaluated
-            with rank zero's BatchNorm buffers, and the results gathered, so every rank gets the same values."""
-            nonlocal evaluations
-            keys = [np.round(g, 12).tobytes() for g in genomes]
-            todo = list(dict.fromkeys(k for k in keys if k not in cache))
-            by_key = dict(zip(keys, genomes))
-            mine = todo[ranks_of.rank::ranks_of.world_size]
-            measured = {}
-            with preserved_state(graph.model):
-                ranks_of.sync_buffers(graph.model)
-                graph.model.eval()
-                for key in mine:
-                    with graph.masked(removals_of(by_key[key])):
-                        measured[key] = float(evaluate())
-            for part in ranks_of.gather(measured) if ranks_of.is_distributed else [measured]:
-                cache.update(part)
-            evaluations += len(todo)
-            bar.update(len(todo))
-            return [cache[k] for k in keys]
-
-        # Initial population: equal weights over representatives, one-hot per member (in pool order), random.
-        members_in_pool = [m for m in self.member_names if any(m in entry[3] for entry in layout)]
-        initial: list[tuple[str | None, np.ndarray]] = [("equal", searchable.astype(float))]
-        for member in members_in_pool:
-            genome = np.zeros(offset)
-            for (_, _, _, names, _, mask), sl in zip(layout, slices):
-                block = np.array([1.0 if m == member else 0.0 for m in names])
-                genome[sl] = block if block.sum() > 0 else mask.astype(float)
-            initial.append((member, genome))
-        size = max(self.population, len(initial))
-        while len(initial) < size:
-            initial.append((None, rng.uniform(0.0, 1.0, offset) * searchable))
-
+        initial = self._initial_population(layout, rng)
+        ranks = collective if collective is not None else LOCAL
+        clock = _Clock(self.time_limit_s, start, ranks)
+        n_elite = max(1, int(np.ceil(self.elite_fraction * len(initial))))
+        bar = _progress_bar(len(initial) + self.generations * (len(initial) - n_elite),
+                            enabled=self.progress and ranks.rank == 0)
+        fitness = _Fitness(graph, evaluate, layout, ranks, bar)
         try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover
-            tqdm = None
-        total = size + self.generations * (size - max(1, int(np.ceil(self.elite_fraction * size))))
-        bar = tqdm(total=total, desc="blend search", leave=False,
-                   disable=not self.progress or tqdm is None or ranks_of.rank != 0)
-
-        def out_of_time() -> bool:
-            over = deadline is not None and time.perf_counter() > deadline
-            return bool(ranks_of.gather(over)[0]) if ranks_of.is_distributed else over  # rank zero's clock decides
-
-        population: list[tuple[float, int, np.ndarray]] = []
-        initial_fitness: dict[str, float] = {}
-        history: list[float] = []
-        try:
-            chunk = ranks_of.world_size  # one evaluation per rank between checks of the clock
-            for start_at in range(0, len(initial), chunk):
-                if out_of_time() and population:
-                    break
-                part = initial[start_at:start_at + chunk]
-                for offset_in, ((label, genome), value) in enumerate(zip(part, fitnesses([g for _, g in part]))):
-                    if label is not None:
-                        initial_fitness[label] = value
-                    population.append((value, start_at + offset_in, genome))
-            counter = len(population)
-            population.sort(key=lambda item: (-item[0], item[1]))
-            history.append(population[0][0])
-            n_elite = max(1, int(np.ceil(self.elite_fraction * size)))
+            population, initial_fitness = self._evaluate_initial(initial, fitness, clock)
+            births = itertools.count(len(population))
+            history = [population[0].fitness]
             for generation in range(self.generations):
-                if out_of_time():
+                if clock.out_of_time():
                     break
-                elites = population[:n_elite]
-                scored = []
-                while len(elites) + len(scored) < size and not out_of_time():
-                    children = []
-                    while len(elites) + len(scored) + len(children) < size and len(children) < chunk:
-                        a, b = rng.randint(len(elites)), rng.randint(len(elites))
-                        mask = rng.rand(offset) < 0.5
-                        child = np.where(mask, elites[a][2], elites[b][2])
-                        noise = rng.normal(0.0, self.mutation_std, offset)
-                        movable = searchable | (child > 0)
-                        children.append(np.clip(child + noise * movable, 0.0, None))
-                    values = fitnesses(children)
-                    scored.extend((v, counter + i, c) for i, (v, c) in enumerate(zip(values, children)))
-                    counter += len(children)
-                population = sorted(list(elites) + scored, key=lambda item: (-item[0], item[1]))
-                history.append(population[0][0])
+                population = self._next_generation(population[:n_elite], len(initial), layout, fitness, clock,
+                                                   rng, births)
+                history.append(population[0].fitness)
                 if self.progress:
                     log.info("blend search: generation %d/%d best fitness %.4f", generation + 1, self.generations,
-                             population[0][0])
+                             population[0].fitness)
         finally:
             bar.close()
-            for module, training in modes:
-                module.training = training
-
-        best_fitness, _, best = population[0]
-        self.alphas = alphas_of(best)
-        self.result = BlendSearchResult(
-            best_fitness=best_fitness,
-            alphas=self.alphas,
-            history=history,
-            evaluations=evaluations,
-            seconds=time.perf_counter() - start,
-            initial_fitness=initial_fitness,
-        )
+        self.alphas = layout.alphas(population[0].genome)
+        self.result = BlendSearchResult(best_fitness=population[0].fitness, alphas=self.alphas, history=history,
+                                        evaluations=fitness.evaluations, seconds=time.perf_counter() - start,
+                                        initial_fitness=initial_fitness)
         return self.result
+
+    def _initial_population(self, layout: _GenomeLayout,
+                            rng: np.random.RandomState) -> list[tuple[str | None, np.ndarray]]:
+        """Equal weights over the representatives, a one-hot individual per member present (pool order), then
+        random ones up to ``population``; labelled, so that the result can report the named ones' fitness."""
+        initial: list[tuple[str | None, np.ndarray]] = [("equal", layout.searchable.astype(float))]
+        initial += [(member, layout.one_hot(member)) for member in self.member_names if layout.has_member(member)]
+        while len(initial) < self.population:
+            initial.append((None, rng.uniform(0.0, 1.0, layout.size) * layout.searchable))
+        return initial
+
+    @staticmethod
+    def _evaluate_initial(initial: list[tuple[str | None, np.ndarray]], fitness: _Fitness,
+                          clock: _Clock) -> tuple[list[_Individual], dict[str, float]]:
+        """The initial population, best first, and the named individuals' fitness. One evaluation per rank
+        between checks of the clock; the first chunk is always evaluated, so there is a best individual."""
+        population: list[_Individual] = []
+        named: dict[str, float] = {}
+        chunk = fitness.ranks.world_size
+        for first in range(0, len(initial), chunk):
+            if clock.out_of_time() and population:
+                break
+            part = initial[first:first + chunk]
+            for index, ((label, genome), value) in enumerate(zip(part, fitness([g for _, g in part])), first):
+                if label is not None:
+                    named[label] = value
+                population.append(_Individual(value, index, genome))
+        return _best_first(population), named
+
+    def _next_generation(self, elites: list[_Individual], size: int, layout: _GenomeLayout, fitness: _Fitness,
+                         clock: _Clock, rng: np.random.RandomState, births: Iterator[int]) -> list[_Individual]:
+        """The elites and their children up to ``size`` individuals, best first (ties: the older one). One child
+        per rank between checks of the clock."""
+        children: list[_Individual] = []
+        while len(elites) + len(children) < size and not clock.out_of_time():
+            batch = []
+            while len(elites) + len(children) + len(batch) < size and len(batch) < fitness.ranks.world_size:
+                batch.append(self._child(elites, layout, rng))
+            children += [_Individual(value, next(births), genome) for genome, value in zip(batch, fitness(batch))]
+        return _best_first(elites + children)
+
+    def _child(self, elites: list[_Individual], layout: _GenomeLayout, rng: np.random.RandomState) -> np.ndarray:
+        """Uniform crossover of two elites, then Gaussian mutation of the weights the search may move (the
+        representatives', and any a parent already uses), clipped to ``α ≥ 0``."""
+        a, b = rng.randint(len(elites)), rng.randint(len(elites))
+        child = np.where(rng.rand(layout.size) < 0.5, elites[a].genome, elites[b].genome)
+        noise = rng.normal(0.0, self.mutation_std, layout.size)
+        return np.clip(child + noise * (layout.searchable | (child > 0)), 0.0, None)
 
     def __repr__(self) -> str:
         return f"Blend([{', '.join(self.member_names)}], cluster_threshold={self.cluster_threshold})"
+
+
+class _Individual(NamedTuple):
+    fitness: float
+    index: int  # order of birth: the older individual wins a tie
+    genome: np.ndarray
+
+
+def _best_first(population: list[_Individual]) -> list[_Individual]:
+    return sorted(population, key=lambda individual: (-individual.fitness, individual.index))
+
+
+@dataclass
+class _GroupGenes:
+    """One group's slice of a genome: a weight per member that could score the group."""
+
+    name: str
+    group: ChannelGroup
+    remove: int
+    members: list[str]
+    ranks: dict[str, np.ndarray]
+    searchable: np.ndarray  # per member: a cluster representative, which the search may move
+    where: slice
+
+
+class _GenomeLayout:
+    """Where each group's blending weights sit in a flat genome, and what a genome means: ``α`` per group and the
+    channels it removes."""
+
+    def __init__(self, blend: Blend, graph: Any, removal_counts: Mapping[str, int]):
+        self.genes: list[_GroupGenes] = []
+        offset = 0
+        for name, n in removal_counts.items():
+            try:
+                group = graph.group(name)
+            except KeyError as error:
+                raise ValueError(f"removal_counts: {error.args[0]} Accepted values are the names of "
+                                 "graph.groups.") from None
+            if int(n) <= 0:
+                continue
+            ranks = blend.member_ranks(group)
+            members = list(ranks)
+            representatives = set(blend.representatives(ranks))
+            self.genes.append(_GroupGenes(name, group, int(n), members, ranks,
+                                          np.array([m in representatives for m in members]),
+                                          slice(offset, offset + len(members))))
+            offset += len(members)
+        self.size = offset
+        self.searchable = (np.concatenate([g.searchable for g in self.genes]) if self.genes
+                           else np.zeros(0, dtype=bool))
+
+    def has_member(self, member: str) -> bool:
+        return any(member in genes.members for genes in self.genes)
+
+    def one_hot(self, member: str) -> np.ndarray:
+        """All weight on ``member``; equal weights over the representatives of groups it cannot score."""
+        genome = np.zeros(self.size)
+        for genes in self.genes:
+            block = np.array([1.0 if m == member else 0.0 for m in genes.members])
+            genome[genes.where] = block if block.sum() > 0 else genes.searchable.astype(float)
+        return genome
+
+    def alphas(self, genome: np.ndarray) -> dict[str, dict[str, float]]:
+        """Each group's weights normalized to sum 1 (all zero: equal weights over the representatives)."""
+        result = {}
+        for genes in self.genes:
+            weights = genome[genes.where].copy()
+            if weights.sum() <= 0:
+                weights = genes.searchable / genes.searchable.sum()
+            weights = weights / weights.sum()
+            result[genes.name] = {m: float(w) for m, w in zip(genes.members, weights)}
+        return result
+
+    def removals(self, genome: np.ndarray) -> dict[str, list[int]]:
+        alphas = self.alphas(genome)
+        return {genes.name: genes.group.lowest(Blend._blend(genes.ranks, alphas[genes.name]), genes.remove)
+                for genes in self.genes}
+
+
+class _Fitness:
+    """The fitness of genomes, cached by value. Unseen genomes are dealt round-robin to the DDP ranks, each
+    evaluated with rank zero's BatchNorm buffers, and the results gathered, so every rank gets the same values."""
+
+    def __init__(self, graph: Any, evaluate: Callable[[], float], layout: _GenomeLayout, ranks: Any, bar: Any):
+        self.graph, self.evaluate, self.layout, self.ranks, self.bar = graph, evaluate, layout, ranks, bar
+        self.cache: dict[bytes, float] = {}
+        self.evaluations = 0
+
+    def __call__(self, genomes: list[np.ndarray]) -> list[float]:
+        keys = [np.round(g, 12).tobytes() for g in genomes]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        by_key = dict(zip(keys, genomes))
+        measured = {}
+        with preserved_state(self.graph.model):
+            self.ranks.sync_buffers(self.graph.model)
+            self.graph.model.eval()
+            for key in todo[self.ranks.rank::self.ranks.world_size]:
+                with self.graph.masked(self.layout.removals(by_key[key])):
+                    measured[key] = float(self.evaluate())
+        for part in self.ranks.gather(measured) if self.ranks.is_distributed else [measured]:
+            self.cache.update(part)
+        self.evaluations += len(todo)
+        self.bar.update(len(todo))
+        return [self.cache[k] for k in keys]
+
+
+class _Clock:
+    """``time_limit_s`` for the search; under DDP rank zero's clock decides, so all ranks stop together."""
+
+    def __init__(self, limit_s: float | None, start: float, ranks: Any):
+        self.deadline = None if limit_s is None else start + float(limit_s)
+        self.ranks = ranks
+
+    def out_of_time(self) -> bool:
+        over = self.deadline is not None and time.perf_counter() > self.deadline
+        return bool(self.ranks.gather(over)[0]) if self.ranks.is_distributed else over
+
+
+def _progress_bar(total: int, enabled: bool) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = None
+    if tqdm is None:
+        return _NoBar()
+    return tqdm(total=total, desc="blend search", leave=False, disable=not enabled)
+
+
+class _NoBar:  # pragma: no cover - tqdm is a dependency of Lightning
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 @register("blend")
