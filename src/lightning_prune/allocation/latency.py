@@ -34,7 +34,7 @@ import math
 import statistics
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -106,6 +106,19 @@ def group_step(group: Any, round_to: int | str | None, device: torch.device, dty
     return step if step < group.size else group.divisions
 
 
+
+class StepTiming(NamedTuple):
+    """A pair timed alternately (:meth:`LatencyTarget.time_against`): the reference's and the model's median ms,
+    the model / reference ratio (median of per-round ratios), the rounds and the ratio's standard error; a latency
+    step adds the table's prediction for the model."""
+
+    reference_ms: float
+    model_ms: float
+    ratio: float
+    rounds: int
+    standard_error: float
+    predicted_ms: float | None = None
+
 @dataclass
 class LatencyTarget:
     """What an event needs to prune to a latency budget, and what it measured (kept by the callback between
@@ -159,7 +172,7 @@ class LatencyTarget:
         return float(collective.gather(value)[0])
 
     def measure_against(self, reference: torch.nn.Module | None, model: torch.nn.Module, collective: Any,
-                        goal: float | None = None) -> tuple[float, float, float, int, float] | None:
+                        goal: float | None = None) -> StepTiming | None:
         """:meth:`time_against` on rank zero, broadcast; None without a ``reference``."""
         value = None
         if collective.rank == 0 and reference is not None:
@@ -167,16 +180,16 @@ class LatencyTarget:
         return collective.gather(value)[0]
 
     def time_against(self, reference: torch.nn.Module, model: torch.nn.Module,
-                     goal: float | None = None) -> tuple[float, float, float, int, float]:
-        """``(reference ms, model ms, model / reference, rounds, standard error of the ratio)`` timed alternately
+                     goal: float | None = None) -> StepTiming:
+        """``reference`` and ``model`` (:class:`StepTiming`, without a prediction) timed alternately
         over :attr:`placements` memory placements (load cancels in their ratio). The ratio is the median of
         per-round ratios; when it lies within :data:`CONFIRM_BAND` of ``goal`` (a relative ratio), the pair is
         timed further until the standard error is :data:`PRECISION` of it or :attr:`max_rounds` are spent."""
         timing = time_pair(reference, model, self.inputs, self.dtype, rounds=2 * self.rounds,
                            placements=self.placements, precision=PRECISION, max_rounds=self.max_rounds,
                            goal=goal, band=CONFIRM_BAND)
-        return (statistics.median(timing.first), statistics.median(timing.second), timing.ratio, timing.rounds,
-                timing.standard_error)
+        return StepTiming(statistics.median(timing.first), statistics.median(timing.second), timing.ratio,
+                          timing.rounds, timing.standard_error)
 
     @property
     def device(self) -> torch.device:
@@ -372,7 +385,7 @@ class LatencyAllocation(AllocationStrategy):
                 log.info("latency step %d: nothing left to remove (every group at its floor)", step)
                 break
             trial = self._try(ctx, target, reference, removals, goal_ratio / start_ratio)
-            if (trial is not None and overshot(start_ratio * trial[2], goal_ratio) and taken_back < MAX_TAKE_BACKS
+            if (trial is not None and overshot(start_ratio * trial.ratio, goal_ratio) and taken_back < MAX_TAKE_BACKS
                     and step < target.max_calibrations):
                 self._record(target, step, "taken back", budget, trial, start_ratio, goal_ratio)
                 budget, step, taken_back = now * math.sqrt(budget / now), step + 1, taken_back + 1
@@ -401,23 +414,23 @@ class LatencyAllocation(AllocationStrategy):
 
     @staticmethod
     def _try(ctx: AllocationContext, target: LatencyTarget, reference: torch.nn.Module | None,
-             removals: dict[str, list[int]], relative_goal: float) -> tuple | None:
+             removals: dict[str, list[int]], relative_goal: float) -> StepTiming | None:
         """Rank zero prunes ``removals`` tentatively (:meth:`DependencyGraph.tentatively`: put back afterwards,
         unseen by optimizers and other callbacks) and times the result against ``reference``: the
-        :meth:`LatencyTarget.measure_against` tuple plus the table's prediction, broadcast; None where it cannot
+        :class:`StepTiming` with the table's prediction, broadcast; None where it cannot
         be tried (no reference copy, or the surgery fails: the commit then finds the groups to blame)."""
         value = None
         if ctx.collective.rank == 0 and reference is not None:
             try:
                 with ctx.graph.tentatively(removals) as model:
-                    value = target.time_against(reference, model, relative_goal) + (
-                        target.table.predict(ctx.graph.widths()),)
+                    value = target.time_against(reference, model, relative_goal)._replace(
+                        predicted_ms=target.table.predict(ctx.graph.widths()))
             except PruningError:
                 pass  # nothing was tried (the model is as it was): the commit finds the groups to blame
         return ctx.collective.gather(value)[0]
 
     def _commit(self, ctx: AllocationContext, target: LatencyTarget, reference: torch.nn.Module | None,
-                removals: dict[str, list[int]], trial: tuple | None, step: int, budget: float, start_ratio: float,
+                removals: dict[str, list[int]], trial: StepTiming | None, step: int, budget: float, start_ratio: float,
                 goal_ratio: float) -> tuple[float, float]:
         """Apply ``removals`` (after a failed surgery the groups to blame leave the graph, and the rest is
         applied); the trial's measurement stands for the model when it is what was applied, else the model is
@@ -431,25 +444,25 @@ class LatencyAllocation(AllocationStrategy):
             if trial is None:  # no copy to time against: time the model alone against the table's dense ms
                 before = target.before_ms or target.table.dense_ms * start_ratio
                 after = target.measure(graph.model, ctx.collective)
-                trial = (before, after, after / before, target.rounds, 0.0)
-            trial = trial + (target.table.predict(graph.widths()),)
+                trial = StepTiming(before, after, after / before, target.rounds, 0.0)
+            trial = trial._replace(predicted_ms=target.table.predict(graph.widths()))
         first = not any(r["kind"] in ("plan", "correction") for r in target.records)
         return self._record(target, step, "plan" if first else "correction", budget, trial, start_ratio,
                             goal_ratio, committed=True)
 
     @staticmethod
-    def _record(target: LatencyTarget, step: int, kind: str, budget: float, trial: tuple, start_ratio: float,
+    def _record(target: LatencyTarget, step: int, kind: str, budget: float, trial: StepTiming, start_ratio: float,
                 goal_ratio: float, committed: bool = False) -> tuple[float, float]:
         """Record and log one measured step; the cumulative ratio and its standard error."""
-        before, after, relative, rounds, relative_error, predicted = trial
-        ratio, error = start_ratio * relative, start_ratio * relative_error
+        ratio, error = start_ratio * trial.ratio, start_ratio * trial.standard_error
         if committed:
-            target.before_ms, target.after_ms, target.predicted_ms = before, after, predicted
-        target.records.append({"step": step, "kind": kind, "budget_ms": budget, "predicted_ms": predicted,
-                               "measured_ms": after, "measured_ratio": ratio, "goal_ratio": goal_ratio,
-                               "rounds": rounds, "standard_error": error})
+            target.before_ms, target.after_ms = trial.reference_ms, trial.model_ms
+            target.predicted_ms = trial.predicted_ms
+        target.records.append({"step": step, "kind": kind, "budget_ms": budget, "predicted_ms": trial.predicted_ms,
+                               "measured_ms": trial.model_ms, "measured_ratio": ratio, "goal_ratio": goal_ratio,
+                               "rounds": trial.rounds, "standard_error": error})
         log.info("latency step %d (%s): predicted %.2f ms, measured %.2f ms, ratio %.3f +- %.3f (goal %.3f, "
-                 "%d rounds)", step, kind, predicted, after, ratio, error, goal_ratio, rounds)
+                 "%d rounds)", step, kind, trial.predicted_ms, trial.model_ms, ratio, error, goal_ratio, trial.rounds)
         return ratio, error
 
 
