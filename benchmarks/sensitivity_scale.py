@@ -44,6 +44,7 @@ from _common import machine_description, write_results  # noqa: E402
 
 from lightning_prune.allocation import AccuracyEvaluator, SensitivityAllocator  # noqa: E402
 from lightning_prune.allocation.strategies import PredictedFlops  # noqa: E402
+from lightning_prune.allocation.sensitivity import lazy_margin_count  # noqa: E402
 from lightning_prune.models import create_model  # noqa: E402
 from lightning_prune.structure import DependencyGraph, FlopsModel, count_flops  # noqa: E402
 
@@ -394,13 +395,17 @@ def lazy_along_exact(steps: list[dict], total: int, top_k: int = 4, refresh_ever
         if index % refresh_every == 0:
             fresh = dict(accuracy)
         else:
-            pending = sorted(accuracy, key=lambda n: (-estimates.get(n, float("inf")), n))
+            estimate = lambda n: estimates.get(n, float("inf"))
+            pending = sorted(accuracy, key=lambda n: (-estimate(n), n))
             fresh = {}
+            top = estimate(pending[0])  # the allocator's first chunk: every estimate within the margin of the best
+            bar = top - lazy_margin_count(min(top, 1.0) * total, total) / total
+            size = max(top_k, sum(estimate(n) >= bar for n in pending))
             while pending:
-                chunk, pending = pending[:top_k], pending[top_k:]
+                chunk, pending, size = pending[:size], pending[size:], top_k
                 fresh.update({n: accuracy[n] for n in chunk})
                 best = max(fresh.values())
-                margin = (best * (1 - best) / total) ** 0.5  # the allocator's default lazy_margin
+                margin = lazy_margin_count(best * total, total) / total  # the allocator's default lazy_margin
                 if not pending or best >= estimates.get(pending[0], float("inf")) + margin:
                     break
         measured += len(fresh)

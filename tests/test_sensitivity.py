@@ -301,6 +301,21 @@ def test_fast_mode_is_opt_in():
     assert (fast.top_k, fast.refresh_every, fast.rescore_every) == (8, 4, 4)  # the documented defaults
 
 
+def test_the_default_lazy_margin_does_not_vanish_when_every_image_is_correct():
+    """Fast mode's default margin: two plus-four standard errors of the best fresh count. With all 144 images
+    correct the plain binomial error is 0, so an estimate one image lower that catches up (a tie, decided by name)
+    was not re-measured; the plus-four error keeps a margin of about three images there."""
+    from lightning_prune.allocation.sensitivity import LAZY_STANDARD_ERRORS, lazy_margin_count
+
+    assert LAZY_STANDARD_ERRORS == 2.0
+    share = 146 / 148
+    assert lazy_margin_count(144, 144) == pytest.approx(2 * 144 * (share * (1 - share) / 148) ** 0.5)
+    assert 2.0 < lazy_margin_count(144, 144) < 3.0
+    assert lazy_margin_count(0, 144) == pytest.approx(lazy_margin_count(144, 144))
+    assert lazy_margin_count(72, 144) == pytest.approx(2 * 144 * (0.25 / 148) ** 0.5)  # the widest, mid-range
+    assert lazy_margin_count(72, 144) > lazy_margin_count(140, 144) > lazy_margin_count(144, 144)
+
+
 @pytest.mark.parametrize("options, match", [
     ({"mode": "quick"}, r"mode must be one of 'exact', 'fast', got 'quick'"),
     ({"shard": "ranks"}, r"shard must be one of 'groups', 'data', got 'ranks'"),
@@ -373,6 +388,18 @@ def test_fast_mode_with_every_group_reevaluated_decides_like_exact_mode(trained_
     fast = _digits_prune(trained_digits, mode="fast", **options)
     assert _decisions(fast) == _decisions(exact)
     assert fast.widths_after == exact.widths_after
+
+
+def test_the_lazy_margin_buys_re_measurements(trained_digits):
+    """The default margin (two plus-four standard errors) re-measures the groups within noise of the best: more
+    images than a zero margin, fewer than exact mode (one group per chunk)."""
+    images = lambda report: sum(step["images"] for step in report.sensitivity_steps)
+    exact = _digits_prune(trained_digits)
+    default = _digits_prune(trained_digits, mode="fast", top_k=1)
+    bare = _digits_prune(trained_digits, mode="fast", top_k=1, lazy_margin=0.0)
+    assert images(bare) < images(default) < images(exact)
+    lazy_rounds = lambda report: [len(s["trials"]) for i, s in enumerate(report.sensitivity_steps) if i % 4]
+    assert sum(lazy_rounds(bare)) < sum(lazy_rounds(default))
 
 
 def test_fast_mode_in_a_lightning_fit(tmp_path):
