@@ -131,6 +131,21 @@ def test_ddp_sensitivity_sharding_the_split_decides_like_sharding_the_trials(tmp
         assert 0 < mine["images"] < theirs["images"] + mine["images"] == (len(mine["trials"]) + 1) * zero["val_images"]
 
 
+def test_ddp_fast_sensitivity_mode_decides_identically_on_both_ranks(tmp_path):
+    """``mode="fast"`` under DDP: a lazy round's chunks (the first one sized by the estimates and the margin) are
+    taken from numbers every rank shares, so both ranks measure the same groups, in the same collective calls,
+    and decide the same; the lazy rounds measure fewer trials than the full refreshes."""
+    out = tmp_path / "run"
+    result = run(out, "--criterion", "l1", "--sensitivity-default", "--val-batches", "0", "--sensitivity-options",
+                 '{"mode": "fast", "top_k": 1, "refresh_every": 3, "shard": "data", "progress": false}')
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    zero, one = load_ranks(out)
+    assert zero["plan"] == one["plan"] and zero["done"] == one["done"] == [1, 2]
+    assert _without_images(zero["reports"]) == _without_images(one["reports"])
+    trials = [len(step["trials"]) for step in zero["reports"][0]["sensitivity_steps"]]
+    assert len(trials) >= 3 and all(1 <= n < trials[0] for n in trials[1:3]), trials  # rounds 1, 2 are lazy
+
+
 def test_ddp_blend_search_is_shared_and_agrees_across_ranks(tmp_path):
     """Blend's evolutionary search deals its population over the ranks, each measured with rank zero's
     BatchNorm buffers (diverged here: no validation loop), and gathers the fitnesses."""
