@@ -74,8 +74,8 @@ BASELINE = ""  # the unmasked network, evaluated beside the trials
 #: [measured] fast mode's default ``lazy_margin``, in standard errors of the best fresh count (see
 #: :func:`lazy_margin_count`). A stale estimate can rise between rounds (digits ResNet-20/56, 144 images: 18-23 % of
 #: the trials rose, by up to 34 images), and near the top several trials are within an image or two. Replayed on
-#: exact mode's own measurements, one plain binomial standard error picked exact mode's group in 90 % / 98 % of
-#: the rounds; two plus-four standard errors in 100 % / 100 % (measuring 79 % / 65 % of the trials).
+#: exact mode's own measurements, one plain binomial standard error picked exact mode's group in 87 % / 98 % of
+#: the rounds; two plus-four standard errors in every round (measuring 83 % / 68 % of the trials).
 LAZY_STANDARD_ERRORS = 2.0
 
 
@@ -142,7 +142,7 @@ class SensitivityAllocator:
             the best fresh accuracy on the validation split, ``2 sqrt(p (1 - p) / (n + 4))`` with
             ``p = (correct + 2) / (n + 4)`` (:func:`lazy_margin_count`; 0 when ``evaluate`` does not count
             images). Replayed on exact mode's own measurements on digits ResNet-20/56 (144 images), the lazy
-            rounds then pick exact mode's group in every round, measuring 79 % / 65 % of the trials
+            rounds then pick exact mode's group in every round, measuring 83 % / 68 % of the trials
             (docs/benchmarks/sensitivity_scale.md). [measured]
         top_k: ``mode="fast"``: groups re-measured together in a lazy round (default ``4 · num_groups``); a round
             measures at least this many (more in its first chunk when more estimates are within the margin of the
@@ -368,9 +368,9 @@ class SensitivityAllocator:
     def _first_chunk(self, runner: "_TrialRunner", pending: list[str], estimate: Callable[[str], float]) -> int:
         """How many groups a lazy round measures first: ``top_k``, or every group whose estimate is within the
         margin of the ``num_groups``-th best estimate if they are more. The round would re-measure most of them
-        chunk by chunk anyway, and every chunk makes its own unmasked pass. [measured] Replayed on exact mode's
-        measurements (digits ResNet-20/56): 1.18x / 1.40x fewer forward-equivalents than exact mode instead of
-        1.07x / 1.25x with ``top_k`` chunks only, the same choices."""
+        chunk by chunk anyway, and every chunk makes its own unmasked pass. [measured] Digits ResNet-20/56, the
+        same decisions as exact mode either way: 1.06x / 1.33x fewer forward-equivalents than exact mode, against
+        0.98x / 1.21x with ``top_k`` chunks only."""
         bar = estimate(pending[min(self.num_groups, len(pending)) - 1])
         bar -= self._margin(runner, bar)
         return max(self.top_k, sum(estimate(name) >= bar for name in pending))
