@@ -371,6 +371,8 @@ class SensitivityAllocator:
         chunk by chunk anyway, and every chunk makes its own unmasked pass. [measured] Digits ResNet-20/56:
         1.06x / 1.33x fewer forward-equivalents than exact mode (with its decisions), against 0.98x / 1.21x with
         ``top_k`` chunks only."""
+        if not pending:
+            return self.top_k
         bar = estimate(pending[min(self.num_groups, len(pending)) - 1])
         bar -= self._margin(runner, bar)
         return max(self.top_k, sum(estimate(name) >= bar for name in pending))
