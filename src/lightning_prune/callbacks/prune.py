@@ -171,7 +171,11 @@ class PruneCallback(Callback):
         self.graph_kwargs = preflight.check_graph_kwargs(graph_kwargs)
         self.verbose = check_bool("verbose", verbose)
         self.prune_frozen = check_bool("prune_frozen", prune_frozen)
-        # State saved in checkpoints (plain data only: loads with torch.load(weights_only=True)).
+        self._init_state()
+
+    def _init_state(self) -> None:
+        """What a fit builds up. Saved in checkpoints, as plain data only (loads with
+        ``torch.load(weights_only=True)``), except the private attributes at the end."""
         self.plan = PruningPlan()
         self.done_epochs: list[int] = []
         self.original_flops: int | None = None
