@@ -144,77 +144,89 @@ class AnalysisReport:
         # Figures are built with the object-oriented API and an Agg canvas: no pyplot state, no backend switch,
         # safe in headless training jobs and notebooks alike.
         plt = _FigureFactory()
-        figs: dict[str, Any] = {}
+        built = {"similarity_heatmap": self._similarity_heatmap(plt),
+                 "score_histograms": self._score_histograms(plt, max_panels),
+                 "global_ratios": self._global_ratios_figure(plt),
+                 "qq_plots": self._qq_plots(plt, max_panels)}
+        return {name: fig for name, fig in built.items() if fig is not None}
+
+    def _similarity_heatmap(self, plt: Any) -> Any:
+        groups, pairs = list(self.groups), self.pairs
+        if not (groups and pairs):
+            return None
+        matrix = np.array([[np.nan if self.similarity[g][p]["spearman"] is None else self.similarity[g][p]["spearman"]
+                            for p in pairs] for g in groups], dtype=float)
+        fig, ax = plt.subplots(figsize=(2.0 + 1.2 * len(pairs), 1.5 + 0.3 * len(groups)))
+        image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
+        ax.set_xticks(range(len(pairs)), [p.replace(PAIR_SEP, " vs ") for p in pairs], rotation=30, ha="right")
+        ax.set_yticks(range(len(groups)), groups, fontsize=7)
+        if matrix.size <= 400:
+            for (i, j), v in np.ndenumerate(matrix):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+        fig.colorbar(image, ax=ax, label="Spearman rho")
+        ax.set_title("Per-layer rank correlation of criteria")
+        fig.tight_layout()
+        return fig
+
+    def _score_histograms(self, plt: Any, max_panels: int) -> Any:
+        shown = _spaced(list(self.groups), max_panels)
+        if not (shown and self.scores):
+            return None
+        fig, axes = _grid(plt, len(shown))
+        for ax, g in zip(axes, shown):
+            for c in self.criteria:
+                s = np.asarray(self.scores.get(c, {}).get(g, []), dtype=float)
+                mean = np.abs(s.mean()) if s.size else 0.0
+                if s.size and mean > 0:
+                    ax.hist(s / mean, bins=min(30, max(5, s.size // 2)), alpha=0.5, label=c)
+            ax.set_title(g, fontsize=7)
+            ax.tick_params(labelsize=6)
+        axes[0].legend(fontsize=6)
+        for ax in axes[len(shown):]:
+            ax.axis("off")
+        fig.suptitle("Scores / mean score per group", fontsize=9)
+        fig.tight_layout()
+        return fig
+
+    def _global_ratios_figure(self, plt: Any) -> Any:
         groups = list(self.groups)
-        pairs = self.pairs
-        if groups and pairs:
-            matrix = np.array([[np.nan if self.similarity[g][p]["spearman"] is None else self.similarity[g][p]["spearman"]
-                                for p in pairs] for g in groups], dtype=float)
-            fig, ax = plt.subplots(figsize=(2.0 + 1.2 * len(pairs), 1.5 + 0.3 * len(groups)))
-            image = ax.imshow(matrix, vmin=-1, vmax=1, cmap="RdBu_r", aspect="auto")
-            ax.set_xticks(range(len(pairs)), [p.replace(PAIR_SEP, " vs ") for p in pairs], rotation=30, ha="right")
-            ax.set_yticks(range(len(groups)), groups, fontsize=7)
-            if matrix.size <= 400:
-                for (i, j), v in np.ndenumerate(matrix):
-                    if np.isfinite(v):
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
-            fig.colorbar(image, ax=ax, label="Spearman rho")
-            ax.set_title("Per-layer rank correlation of criteria")
-            fig.tight_layout()
-            figs["similarity_heatmap"] = fig
+        if not (groups and self.global_ratios):
+            return None
+        fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(groups) * max(1, len(self.criteria))), 3.5))
+        width = 0.8 / max(1, len(self.criteria))
+        for i, c in enumerate(self.criteria):
+            values = [self.global_ratios.get(c, {}).get(g) or 0.0 for g in groups]
+            ax.bar(np.arange(len(groups)) + i * width, values, width=width, label=c)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=60, ha="right", fontsize=6)
+        ax.set_ylabel("pruned fraction")
+        ax.set_ylim(0, 1)
+        ax.set_title(f"Per-group ratios of one global threshold at {self.target:g}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        return fig
 
-        shown = _spaced(groups, max_panels)
-        if shown and self.scores:
-            fig, axes = _grid(plt, len(shown))
-            for ax, g in zip(axes, shown):
-                for c in self.criteria:
-                    s = np.asarray(self.scores.get(c, {}).get(g, []), dtype=float)
-                    mean = np.abs(s.mean()) if s.size else 0.0
-                    if s.size and mean > 0:
-                        ax.hist(s / mean, bins=min(30, max(5, s.size // 2)), alpha=0.5, label=c)
-                ax.set_title(g, fontsize=7)
-                ax.tick_params(labelsize=6)
-            axes[0].legend(fontsize=6)
-            for ax in axes[len(shown):]:
-                ax.axis("off")
-            fig.suptitle("Scores / mean score per group", fontsize=9)
-            fig.tight_layout()
-            figs["score_histograms"] = fig
-
-        if groups and self.global_ratios:
-            fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(groups) * max(1, len(self.criteria))), 3.5))
-            width = 0.8 / max(1, len(self.criteria))
-            for i, c in enumerate(self.criteria):
-                values = [self.global_ratios.get(c, {}).get(g) or 0.0 for g in groups]
-                ax.bar(np.arange(len(groups)) + i * width, values, width=width, label=c)
-            ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, groups, rotation=60, ha="right", fontsize=6)
-            ax.set_ylabel("pruned fraction")
-            ax.set_ylim(0, 1)
-            ax.set_title(f"Per-group ratios of one global threshold at {self.target:g}")
-            ax.legend(fontsize=7)
-            fig.tight_layout()
-            figs["global_ratios"] = fig
-
+    def _qq_plots(self, plt: Any, max_panels: int) -> Any:
         layers = _spaced([n for n, e in self.cwda.items() if e.get("qq")], max_panels)
-        if layers:
-            from scipy import stats
+        if not layers:
+            return None
+        from scipy import stats
 
-            fig, axes = _grid(plt, len(layers))
-            for ax, name in zip(axes, layers):
-                entry = self.cwda[name]
-                theory = stats.norm.ppf(entry["qq_probabilities"])
-                ax.plot(theory, entry["qq"], ".", markersize=3)
-                lim = float(max(np.abs(theory).max(), np.abs(entry["qq"]).max()))
-                ax.plot([-lim, lim], [-lim, lim], "k--", linewidth=0.7)
-                verdict = "gaussian" if entry.get("gaussian") else "rejected"
-                ax.set_title(f"{name} ({verdict}, KS p={entry.get('ks_pvalue') or 0:.2g})", fontsize=7)
-                ax.tick_params(labelsize=6)
-            for ax in axes[len(layers):]:
-                ax.axis("off")
-            fig.suptitle("QQ plots of standardized weights vs N(0,1)", fontsize=9)
-            fig.tight_layout()
-            figs["qq_plots"] = fig
-        return figs
+        fig, axes = _grid(plt, len(layers))
+        for ax, name in zip(axes, layers):
+            entry = self.cwda[name]
+            theory = stats.norm.ppf(entry["qq_probabilities"])
+            ax.plot(theory, entry["qq"], ".", markersize=3)
+            lim = float(max(np.abs(theory).max(), np.abs(entry["qq"]).max()))
+            ax.plot([-lim, lim], [-lim, lim], "k--", linewidth=0.7)
+            verdict = "gaussian" if entry.get("gaussian") else "rejected"
+            ax.set_title(f"{name} ({verdict}, KS p={entry.get('ks_pvalue') or 0:.2g})", fontsize=7)
+            ax.tick_params(labelsize=6)
+        for ax in axes[len(layers):]:
+            ax.axis("off")
+        fig.suptitle("QQ plots of standardized weights vs N(0,1)", fontsize=9)
+        fig.tight_layout()
+        return fig
 
     def save_figures(self, directory: str | Path, max_panels: int = 16, dpi: int = 100,
                      figures: dict[str, Any] | None = None) -> list[Path]:
