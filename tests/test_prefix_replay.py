@@ -10,12 +10,25 @@ import torch
 from torch import nn
 
 from lightning_prune.allocation import AccuracyEvaluator
+from lightning_prune.allocation.evaluation import RecordedPasses
 from lightning_prune.structure.replay import PrefixReplay, ReplayMismatch
 
 from .zoo import build, choose_channels, graph_for, spread
 
 ZOO_MODELS = ["cifar_resnet56", "resnet50", "mobilenet_v2", "densenet121", "efficientnet_b0", "googlenet",
               "shufflenet_v2_x0_5"]
+
+
+def _replayed_and_full(replay, graph, model, x, group, seed):
+    """One trial (30 % of ``group`` masked): its output replayed after ``replay``'s recorded pass, its output of a
+    full pass through the wrapped modules, and the cut."""
+    removal = {group.name: choose_channels(group, 0.3, seed=seed)}
+    targets = graph.mask_targets(removal)
+    cut = replay.cut_for([weight for weight, _ in targets])
+    with graph.masked(removal, targets):
+        replayed = replay.replay(lambda: model(x), cut)
+        replay._mode = None  # a plain pass through the wrapped modules computes everything
+        return replayed, model(x), cut
 
 
 @pytest.mark.parametrize("name", ZOO_MODELS)
@@ -27,13 +40,7 @@ def test_replayed_trials_equal_full_passes_bit_for_bit(name):
     with torch.no_grad(), replay.attached():
         dense = replay.record(lambda: model(x))
         for group in spread(graph.groups, 5):
-            removal = {group.name: choose_channels(group, 0.3, seed=1)}
-            targets = graph.mask_targets(removal)
-            cut = replay.cut_for([weight for weight, _ in targets])
-            with graph.masked(removal, targets):
-                replayed = replay.replay(lambda: model(x), cut)
-                replay._mode = None  # a plain pass through the wrapped modules computes everything
-                full = model(x)
+            replayed, full, cut = _replayed_and_full(replay, graph, model, x, group, seed=1)
             assert torch.equal(replayed, full), (name, group.name, cut)
             saved.append(replay.computed_fraction(cut))
         again = replay.replay(lambda: model(x), 10**9)  # nothing masked: the whole recording replays
@@ -119,7 +126,10 @@ def test_a_different_call_sequence_is_an_error_not_a_wrong_value():
     assert "forward" not in model.a.__dict__  # unwrapped on the way out
 
 
-def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits):
+def _digits_trials(trained_digits):
+    """Half of every group of the trained digits CNN masked, one trial per group: the model, its validation
+    batches, an evaluator of the unmasked model, each trial's count from a separate full pass, and the trials and
+    changed weights for :meth:`AccuracyEvaluator.correct_trials`."""
     model, val = copy.deepcopy(trained_digits[0]), trained_digits[1]
     graph = graph_for(model, val[0][0][:2])
     from lightning_prune.criteria import get
@@ -131,14 +141,19 @@ def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits):
     for name, indices in removals.items():
         with graph.masked({name: indices}):
             expected[name] = full.correct()[0]
-    evaluator = AccuracyEvaluator(model, val)
     targets = {name: graph.mask_targets({name: ix}) for name, ix in removals.items()}
     trials = {name: functools.partial(graph.masked, {name: ix}, targets[name]) for name, ix in removals.items()}
     changed = {name: [w for w, _ in t] for name, t in targets.items()}
+    return model, val, full, expected, trials, changed
+
+
+def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits):
+    model, val, full, expected, trials, changed = _digits_trials(trained_digits)
+    evaluator = AccuracyEvaluator(model, val)
     baseline, counts = evaluator.correct_trials(trials, changed)
     assert baseline == full.correct()[0]
     assert {name: c for name, (c, _) in counts.items()} == expected
-    assert evaluator.images == (len(removals) + 1) * full.total
+    assert evaluator.images == (len(trials) + 1) * full.total
     assert evaluator.forward_equivalents < evaluator.images
     # a batch that does not fit the budget replays nothing, says so, and counts the same
     squeezed = AccuracyEvaluator(model, val)
@@ -151,6 +166,58 @@ def test_evaluator_counts_match_separate_passes_with_early_exit(trained_digits):
     for name, (correct, seen) in bounded.items():
         upper = correct + full.total - seen
         assert upper >= expected[name] and (seen == full.total or upper < best)
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet56", "mobilenet_v2"])
+def test_a_restored_pass_replays_bit_for_bit_in_a_new_replay(name):
+    """A pass recorded, snapshotted, then restored into another PrefixReplay (after other passes were recorded)
+    replays exactly as the full pass on its input: in-place layers included (copies where the pass mutates)."""
+    model, x = build(name)
+    graph = graph_for(model, x)
+    other = torch.randn_like(x)
+    first = PrefixReplay(model)
+    with torch.no_grad(), first.attached():
+        dense = first.record(lambda: model(x))
+        kept = first.snapshot()
+        first.record(lambda: model(other))
+    again = PrefixReplay(model)
+    with torch.no_grad(), again.attached():
+        again.restore(kept)
+        assert torch.equal(again.replay(lambda: model(x), 10**9), dense)
+        for group in spread(graph.groups, 3):
+            replayed, full, cut = _replayed_and_full(again, graph, model, x, group, seed=2)
+            assert torch.equal(replayed, full), (name, group.name, cut)
+
+
+def test_calls_sharing_recorded_passes_count_the_same_and_run_the_unchanged_model_once(trained_digits):
+    """A lazy round's chunks: the second call restores the first call's passes of the unchanged model instead of
+    running it again; every count is the one of separate full passes."""
+    model, val, full, expected, trials, changed = _digits_trials(trained_digits)
+    names = list(expected)
+    chunks = [names[: len(names) // 2], names[len(names) // 2:]]
+    evaluator, recorded, counts = AccuracyEvaluator(model, val), RecordedPasses(), {}
+    for chunk in chunks:
+        before = evaluator.images
+        baseline, part = evaluator.correct_trials({n: trials[n] for n in chunk}, {n: changed[n] for n in chunk},
+                                                  recorded=recorded)
+        assert baseline == full.correct()[0]
+        counts.update({name: c for name, (c, _) in part.items()})
+        ran_unchanged = evaluator.images - before - len(chunk) * full.total
+        assert ran_unchanged == (full.total if chunk is chunks[0] else 0)
+    assert counts == expected and len(recorded.passes) == len(val)
+    # passes are kept while they fit the replay budget in all; the batches after run again in every call
+    one_batch = recorded.passes[0][1].stored_bytes
+    assert all(p.stored_bytes == one_batch for _, p in recorded.passes.values())  # equal batches of 16
+    tight, evaluator = RecordedPasses(), AccuracyEvaluator(model, val)
+    budget_mb = 1.5 * one_batch / 2**20
+    for chunk in chunks:
+        before = evaluator.images
+        _, part = evaluator.correct_trials({n: trials[n] for n in chunk}, {n: changed[n] for n in chunk},
+                                           replay_mb=budget_mb, recorded=tight)
+        assert {name: c for name, (c, _) in part.items()} == {name: expected[name] for name in chunk}
+        ran_unchanged = evaluator.images - before - len(chunk) * full.total
+        assert ran_unchanged == (full.total if chunk is chunks[0] else full.total - len(val[0][1]))
+    assert tight.full and list(tight.passes) == [0]
 
 
 class SometimesInPlace(nn.Module):

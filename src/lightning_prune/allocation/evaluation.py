@@ -24,7 +24,7 @@ from typing import Any, Callable, ContextManager, Iterable, Iterator, Mapping, S
 import torch
 from torch import nn
 
-from ..structure.replay import PrefixReplay
+from ..structure.replay import PrefixReplay, RecordedPass
 from ..structure.tracing import call_model, move_to_device
 
 
@@ -60,6 +60,28 @@ class Collective:
 
 
 LOCAL = Collective()
+
+
+class RecordedPasses:
+    """The unchanged model's recorded passes, by batch, kept across calls of
+    :meth:`AccuracyEvaluator.correct_trials` on the same, unchanged model: a lazy round's chunks then run the
+    unchanged model once per batch instead of once per chunk. Passes are kept from the first batch on while their
+    recorded outputs fit the replay budget (``replay_mb``) in all; the batches after run again in every call."""
+
+    def __init__(self) -> None:
+        self.passes: dict[int, tuple[int, RecordedPass]] = {}
+        self.stored_bytes = 0
+        self.full = False
+
+    def keep(self, index: int, correct: int, replay: PrefixReplay) -> None:
+        if self.full:
+            return
+        recorded = replay.snapshot()
+        if self.stored_bytes + recorded.stored_bytes > replay.budget_bytes:
+            self.full = True
+            return
+        self.passes[index] = (correct, recorded)
+        self.stored_bytes += recorded.stored_bytes
 
 
 def _split(batch: Any, batch_fn: Callable | None) -> tuple[Any, torch.Tensor]:
@@ -226,7 +248,8 @@ class AccuracyEvaluator:
 
     def correct_trials(self, trials: Mapping[str, Callable[[], ContextManager]],
                        changed: Mapping[str, Sequence[torch.Tensor]], *, keep: int | None = None,
-                       replay_mb: float | None = None, progress: bool = False) -> tuple[int, dict[str, tuple[int, int]]]:
+                       replay_mb: float | None = None, progress: bool = False,
+                       recorded: RecordedPasses | None = None) -> tuple[int, dict[str, tuple[int, int]]]:
         """Correct counts of the unchanged model and of every trial, batch by batch, sharing their common prefix.
 
         For each batch the unchanged model runs once, recorded by :class:`~lightning_prune.structure.replay.
@@ -243,6 +266,10 @@ class AccuracyEvaluator:
         model's device). A batch that does not fit replays a shorter prefix (still exact, less saved) and warns
         once: lower ``eval_batch_size`` or raise ``replay_mb``.
 
+        ``recorded``: the unchanged model's recorded passes of earlier calls with the same model (a lazy round's
+        chunks), reused instead of running the unchanged model again, and extended with this call's passes while
+        they fit its budget.
+
         Returns ``(baseline correct, {name: (correct, seen)})``, summed over the ranks with ``shard_data``.
         """
         batches, total = self.batches(), self.total
@@ -257,15 +284,12 @@ class AccuracyEvaluator:
         self.evaluations += len(names) + 1
         replay = PrefixReplay(self.model, replay_mb)
         with self._evaluation_mode(inference=False) as device, replay.attached():
-            for inputs, labels in _progress(batches, progress):
+            for index, (inputs, labels) in enumerate(_progress(batches, progress)):
                 if keep is not None:
                     active = [n for n in active if not _cannot_rank(n, counts, seen[n], total, keep)]
                 inputs = move_to_device(inputs, device)
                 n = int(labels.numel())
-                baseline += _count_correct(replay.record(lambda: _first_tensor(call_model(self.model, inputs))),
-                                           labels)
-                self._count(n, 1.0)
-                self._warn_if_truncated(replay, replay_mb)
+                baseline += self._unchanged_pass(replay, index, inputs, labels, recorded, replay_mb)
                 for name in active:
                     cut = cuts.setdefault(name, replay.cut_for(changed[name]))
                     with trials[name]():
@@ -278,6 +302,21 @@ class AccuracyEvaluator:
             baseline, counts = summed[0], dict(zip(names, summed[1:1 + len(names)]))
             seen = dict(zip(names, summed[1 + len(names):]))
         return baseline, {name: (counts[name], seen[name]) for name in names}
+
+    def _unchanged_pass(self, replay: PrefixReplay, index: int, inputs: Any, labels: torch.Tensor,
+                        recorded: RecordedPasses | None, replay_mb: float | None) -> int:
+        """Batch ``index`` of the unchanged model for the trials to replay: restored from ``recorded`` when an
+        earlier call kept it, else run, recorded (and kept if it fits); its correct count."""
+        if recorded is not None and index in recorded.passes:
+            correct, recorded_pass = recorded.passes[index]
+            replay.restore(recorded_pass)
+            return correct
+        correct = _count_correct(replay.record(lambda: _first_tensor(call_model(self.model, inputs))), labels)
+        self._count(int(labels.numel()), 1.0)
+        self._warn_if_truncated(replay, replay_mb)
+        if recorded is not None:
+            recorded.keep(index, correct, replay)
+        return correct
 
     def _warn_if_truncated(self, replay: PrefixReplay, replay_mb: float | None) -> None:
         if replay.truncated and not self._warned_truncated:

@@ -29,7 +29,7 @@ import torch
 
 from ..structure import DependencyGraph, FlopsModel
 from ..structure.tracing import preserved_state
-from .evaluation import LOCAL, AccuracyEvaluator, Collective, _progress
+from .evaluation import LOCAL, AccuracyEvaluator, Collective, RecordedPasses, _progress
 
 
 @dataclass
@@ -160,7 +160,9 @@ class SensitivityAllocator:
         replay_mb: memory for the recorded layer outputs of one validation batch, on the model's device (default
             ``None``: a quarter of the memory free there at the event); a prefix longer than that is replayed only
             up to the budget (still exact, less saved, with a warning). ResNet-50 at 224² records about 122 MB
-            per image in float32 (half under 16-bit autocast): size ``eval_batch_size`` to fit.
+            per image in float32 (half under 16-bit autocast): size ``eval_batch_size`` to fit. In
+            ``mode="fast"`` a lazy round also keeps the recorded batches, up to the same budget in all, for its
+            later chunks, which then do not run the unmasked network again.
 
     Deterministic: groups are tried in module order and ties in accuracy are broken by group name. ``evaluate``
     must be deterministic too (fixed validation split, no augmentation); it is called in eval mode under
@@ -350,10 +352,11 @@ class SensitivityAllocator:
         measured: dict[str, tuple[float, bool]] = {}
         keys: dict[str, float] = {}
         size = self._first_chunk(runner, pending, estimate)
+        recorded = RecordedPasses() if runner.replays else None  # the chunks share the unchanged model's passes
         while pending:
             chunk, pending, size = pending[:size], pending[size:], self.top_k
-            result = runner.run({n: trial_removals[n] for n in chunk}, chunk)
-            for name in result:  # every chunk measures the baseline again: the first one is kept
+            result = runner.run({n: trial_removals[n] for n in chunk}, chunk, recorded)
+            for name in result:  # every chunk reports the baseline: the first one is kept
                 if name != BASELINE or name not in measured:
                     measured[name], keys[name] = result[name], runner.key[name]
             fresh = sorted((k for n, k in keys.items() if n != BASELINE), reverse=True)
@@ -368,9 +371,10 @@ class SensitivityAllocator:
     def _first_chunk(self, runner: "_TrialRunner", pending: list[str], estimate: Callable[[str], float]) -> int:
         """How many groups a lazy round measures first: ``top_k``, or every group whose estimate is within the
         margin of the ``num_groups``-th best estimate if they are more. The round would re-measure most of them
-        chunk by chunk anyway, and every chunk makes its own unmasked pass. [measured] Digits ResNet-20/56:
-        1.06x / 1.33x fewer forward-equivalents than exact mode (with its decisions), against 0.98x / 1.21x with
-        ``top_k`` chunks only."""
+        chunk by chunk anyway, and where the unmasked network's recorded passes do not fit the replay budget
+        (:class:`~lightning_prune.allocation.evaluation.RecordedPasses`), every further chunk runs it again.
+        [measured] Digits ResNet-20/56 with no passes kept: 1.06x / 1.33x fewer forward-equivalents than exact
+        mode (with its decisions), against 0.98x / 1.21x with ``top_k`` chunks only."""
         if not pending:
             return self.top_k
         bar = estimate(pending[min(self.num_groups, len(pending)) - 1])
@@ -537,9 +541,16 @@ class _TrialRunner:
                              and allocator.shard == "groups")
         self.key: dict[str, float] = {}
 
-    def run(self, trial_removals: Mapping[str, list[int]], order: list[str]) -> dict[str, tuple[float, bool]]:
-        if self.counting and self.recalibrate is None and self.allocator.reuse_prefix:
-            return self._run_replayed(trial_removals, order)
+    @property
+    def replays(self) -> bool:
+        """Whether the trials replay the unchanged model's recorded prefix (:meth:`_run_replayed`)."""
+        return self.counting and self.recalibrate is None and self.allocator.reuse_prefix
+
+    def run(self, trial_removals: Mapping[str, list[int]], order: list[str],
+            recorded: RecordedPasses | None = None) -> dict[str, tuple[float, bool]]:
+        """Measure the trials (``recorded``: the unchanged model's passes kept across the calls of one round)."""
+        if self.replays:
+            return self._run_replayed(trial_removals, order, recorded)
         items = order + ([BASELINE] if self.allocator.baseline else [])
         mine = self.collective.shard(items) if self.split_groups else items
         local: dict[str, tuple[float, float, bool]] = {}
@@ -552,7 +563,8 @@ class _TrialRunner:
                     local[name] = self._measure(name, local)
         return self._publish(self._merged(local))
 
-    def _run_replayed(self, trial_removals: Mapping[str, list[int]], order: list[str]) -> dict[str, tuple[float, bool]]:
+    def _run_replayed(self, trial_removals: Mapping[str, list[int]], order: list[str],
+                      recorded: RecordedPasses | None) -> dict[str, tuple[float, bool]]:
         """Every trial of this rank batch by batch after one unmasked pass, the common prefix replayed
         (:meth:`AccuracyEvaluator.correct_trials`); the same counts as :meth:`run`'s separate passes."""
         mine = self.collective.shard(order) if self.split_groups else list(order)
@@ -564,7 +576,7 @@ class _TrialRunner:
         with self._measuring():
             baseline, counts = self.evaluate.correct_trials(trials, changed, keep=keep,
                                                             replay_mb=self.allocator.replay_mb,
-                                                            progress=self._show_progress)
+                                                            progress=self._show_progress, recorded=recorded)
         total = self.evaluate.total
         merged = self._merged({name: _ranked(correct, seen, total) for name, (correct, seen) in counts.items()})
         merged[BASELINE] = _ranked(baseline, total, total)

@@ -16,6 +16,7 @@ modules in the same order up to the cut (a static network; a mismatch is an erro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any, Callable, Collection, Iterator
 
@@ -78,6 +79,18 @@ def default_budget_mb(device: torch.device) -> float:
     except (OSError, RuntimeError, ValueError):
         pass
     return 1024.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedPass:
+    """One recorded pass of :class:`PrefixReplay` (:meth:`PrefixReplay.snapshot`)."""
+
+    calls: list[nn.Module]
+    outputs: list[Any]
+    aliased: list[bool]
+    macs: list[int]
+    stored_bytes: int
+    mutated: frozenset[int]  # the calls whose outputs the pass modified in place: replayed as copies
 
 
 class PrefixReplay:
@@ -202,6 +215,19 @@ class PrefixReplay:
             self._mode = None
         self._settle()
         return result
+
+    def snapshot(self) -> "RecordedPass":
+        """The last recorded pass, to :meth:`restore` later instead of recording the same pass again (the model's
+        weights, buffers and inputs unchanged in between: the caller's promise)."""
+        return RecordedPass(list(self._calls), list(self._outputs), list(self._aliased), list(self._macs),
+                            self._stored_bytes, frozenset(self._mutated or ()))
+
+    def restore(self, recorded: "RecordedPass") -> None:
+        """Make ``recorded`` (from :meth:`snapshot`) the pass that :meth:`replay` replays."""
+        self._calls, self._outputs = list(recorded.calls), list(recorded.outputs)
+        self._aliased, self._macs = list(recorded.aliased), list(recorded.macs)
+        self._stored_bytes, self._live = recorded.stored_bytes, []
+        self._mutated = set(recorded.mutated) | (self._mutated or set())
 
     def replay(self, run: Callable[[], Any], cut: int) -> Any:
         """Run ``run()`` with the first ``cut`` leaf calls (clipped to what was recorded) replayed."""
