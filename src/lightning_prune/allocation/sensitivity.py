@@ -162,7 +162,8 @@ class SensitivityAllocator:
             up to the budget (still exact, less saved, with a warning). ResNet-50 at 224² records about 122 MB
             per image in float32 (half under 16-bit autocast): size ``eval_batch_size`` to fit. In
             ``mode="fast"`` a lazy round also keeps the recorded batches, up to the same budget in all, for its
-            later chunks, which then do not run the unmasked network again.
+            later chunks, which then do not run the unmasked network again (so up to twice ``replay_mb`` is held
+            while a batch that was not kept is replayed).
 
     Deterministic: groups are tried in module order and ties in accuracy are broken by group name. ``evaluate``
     must be deterministic too (fixed validation split, no augmentation); it is called in eval mode under
