@@ -987,15 +987,11 @@ class DependencyGraph:
 
         # Torch-Pruning's op records (concat/split sizes) are restored with the model, so a failed step needs no
         # graph rebuild (one build per failure made exclusion probing cost a build per broken group).
-        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
+        snapshot = self._model_snapshot()
         lineage = ParameterLineage()
         try:
-            with lineage.recording(), torch.no_grad(), self._index_mapping():
-                for name, indices in checked.items():
-                    module, handler = by_name[name]._root
-                    self._tp.get_pruning_group(module, handler, indices).prune()
-            self._check_widths({name: by_name[name].size - len(ix) for name, ix in checked.items()}, by_name)
-            self._check_forward()
+            with lineage.recording():
+                self._cut(checked, by_name)
             replacements = lineage.replacements(self.model)
         except BaseException as error:
             # Any interruption (KeyboardInterrupt, SystemExit included) restores the exact previous model before
@@ -1193,22 +1189,32 @@ class DependencyGraph:
     def savepoint(self) -> GraphSavepoint:
         """The model and this graph as they are now; :meth:`GraphSavepoint.restore` puts both back exactly,
         undoing every surgery made since (the optimizers and other holders of parameters are the caller's)."""
-        return GraphSavepoint(self, ModelSnapshot(self.model, extra_modules=self._operations()), self.plan,
-                              self._sizes_after)
+        return GraphSavepoint(self, self._model_snapshot(), self.plan, self._sizes_after)
+
+    def _model_snapshot(self) -> ModelSnapshot:
+        """The model's tensors and attributes and Torch-Pruning's op records (concat/split sizes), which surgery
+        edits too: restoring both makes the graph fit the model again without a rebuild."""
+        return ModelSnapshot(self.model, extra_modules=self._operations())
+
+    def _cut(self, removals: Mapping[str, list[int]], by_name: Mapping[str, ChannelGroup]) -> None:
+        """Torch-Pruning's surgery of ``removals`` (checked indices per group name) on the model, then the checks
+        that every group got its new width and the model still runs; raises where either fails (the caller
+        restores its snapshot)."""
+        with torch.no_grad(), self._index_mapping():
+            for name, indices in removals.items():
+                module, handler = by_name[name]._root
+                self._tp.get_pruning_group(module, handler, indices).prune()
+        self._check_widths({name: by_name[name].size - len(ix) for name, ix in removals.items()}, by_name)
+        self._check_forward()
 
     def _trial_surgery(self, removals: Mapping[str, list[int]]) -> str | None:
         """Remove ``removals`` from this graph's model with the usual checks, then put everything back in place,
         Torch-Pruning's own op records (concat/split sizes) included, so the next probe needs no rebuild. Returns
         why the surgery failed, or None. Only for the throwaway copy of :meth:`find_unprunable`."""
         by_name = {g.name: g for g in self.groups}
-        snapshot = ModelSnapshot(self.model, extra_modules=self._operations())
+        snapshot = self._model_snapshot()
         try:
-            with torch.no_grad(), self._index_mapping():
-                for name, indices in removals.items():
-                    module, handler = by_name[name]._root
-                    self._tp.get_pruning_group(module, handler, indices).prune()
-            self._check_widths({name: by_name[name].size - len(ix) for name, ix in removals.items()}, by_name)
-            self._check_forward()
+            self._cut(removals, by_name)
             return None
         except Exception as error:
             return f"{type(error).__name__}: {error}"
