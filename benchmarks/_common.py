@@ -41,6 +41,11 @@ def machine_description(threads: int | None) -> list[str]:
     ]
 
 
+#: the latency benchmarks' models: (input side, batch, classes)
+LATENCY_MODELS = {"resnet56": (32, 64, 10), "resnet18": (224, 8, 1000), "mobilenet_v2": (224, 8, 1000),
+                  "resnet50": (224, 8, 1000), "vgg16_bn": (224, 8, 1000)}
+
+
 def allocator_description() -> str:
     """glibc malloc's tunables and a preloaded allocator, as set in the environment (they change CPU latency)."""
     settings = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]

@@ -37,13 +37,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import LATENCY_MODELS, machine_description, write_results  # noqa: E402
+
+from lightning_prune.structure.latency import KEEP_FREED_MEMORY  # noqa: E402
+
 DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "allocator_faults.md"
-SIZES = {"resnet56": (32, 64, 10), "resnet18": (224, 8, 1000), "mobilenet_v2": (224, 8, 1000),
-         "resnet50": (224, 8, 1000)}
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 SETTINGS = {
     "default": {},
-    "keep": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"},
+    "keep": KEEP_FREED_MEMORY,
     "mmap128k": {"MALLOC_MMAP_THRESHOLD_": "131072"},
     "jemalloc": {"LD_PRELOAD": JEMALLOC},
 }
@@ -58,7 +60,7 @@ def child(model_name: str, amount: float, rounds: int) -> dict:
     from lightning_prune.structure.latency import interleaved_times, page_faults_per_forward, pair_ratio
 
     torch.set_num_threads(1)
-    size, batch, classes = SIZES[model_name]
+    size, batch, classes = LATENCY_MODELS[model_name]
     torch.manual_seed(0)
     dense = create_model(model_name, num_classes=classes).eval()
     x = torch.randn(batch, 3, size, size)
@@ -109,7 +111,7 @@ def render(rows: dict, args: argparse.Namespace, started: str, machine: list[str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="mobilenet_v2", choices=list(SIZES))
+    parser.add_argument("--model", default="mobilenet_v2", choices=list(LATENCY_MODELS))
     parser.add_argument("--amount", type=float, default=0.3)
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=4)
@@ -120,8 +122,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(args.model, args.amount, args.rounds)))
         return
-    from _common import machine_description, write_results
-
     started = datetime.datetime.utcnow().strftime("%Y-%m-%d %H:%M")
     machine = machine_description(1)
     rows = {}

@@ -46,15 +46,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import machine_description, write_results  # noqa: E402
+from _common import LATENCY_MODELS, machine_description, write_results  # noqa: E402
 from lightning_prune.models import create_model  # noqa: E402
 from lightning_prune.pruning import prune  # noqa: E402
 from lightning_prune.structure import DependencyGraph, count_flops  # noqa: E402
 from lightning_prune.structure.latency import LatencyModel, page_faults_per_forward, time_pair  # noqa: E402
 
 DEFAULT_OUT = ROOT / "docs" / "benchmarks" / "latency_target.md"
-MODELS = {"resnet56": (32, 64, 10), "resnet18": (224, 8, 1000), "mobilenet_v2": (224, 8, 1000),
-          "resnet50": (224, 8, 1000), "vgg16_bn": (224, 8, 1000)}
+MODELS = LATENCY_MODELS
 TOLERANCE = 0.05
 
 

@@ -106,7 +106,6 @@ def group_step(group: Any, round_to: int | str | None, device: torch.device, dty
     return step if step < group.size else group.divisions
 
 
-
 class StepTiming(NamedTuple):
     """A pair timed alternately (:meth:`LatencyTarget.time_against`): the reference's and the model's median ms,
     the model / reference ratio (median of per-round ratios), the rounds and the ratio's standard error; a latency
@@ -118,6 +117,7 @@ class StepTiming(NamedTuple):
     rounds: int
     standard_error: float
     predicted_ms: float | None = None
+
 
 @dataclass
 class LatencyTarget:

@@ -160,6 +160,10 @@ def page_faults_per_forward(model: nn.Module, inputs: Any, *, warmup: int = 3, r
 #: (benchmarks/allocator_faults.py, docs/benchmarks.md section 7). 1024 pages = 4 MiB per pass.
 FAULTS_WARNING = 1024
 
+#: glibc settings under which a warm forward pass maps nothing anew (large blocks served from the heap, freed memory
+#: kept for reuse): the remedy the warning gives, set in the process's environment before Python starts.
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "17179869184"}
+
 
 def allocator_advice(faults: float) -> str:
     """The warning for a model whose warm forward pass page-faults ``faults`` times."""
@@ -169,8 +173,8 @@ def allocator_advice(faults: float) -> str:
             "the allocator's history, and the measured latency (and so the latency target) can move between "
             "processes by more than the target's 5 % tolerance (MobileNetV2 on the development machine: its "
             "latency ratio to a pruned copy moved between 0.67 and 0.84 across four processes). For a stable "
-            "latency target, start Python with MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=17179869184 (glibc then "
-            "keeps freed memory for reuse: 0 page faults per pass there; see the README's latency section).")
+            f"latency target, start Python with {' '.join(f'{k}={v}' for k, v in KEEP_FREED_MEMORY.items())} (glibc "
+            "then keeps freed memory for reuse: 0 page faults per pass there; see the README's latency section).")
 
 
 def measure_ratio(first: nn.Module, second: nn.Module, inputs: Any, dtype: torch.dtype | None = None, *,
