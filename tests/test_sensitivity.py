@@ -390,6 +390,35 @@ def test_fast_mode_with_every_group_reevaluated_decides_like_exact_mode(trained_
     assert fast.widths_after == exact.widths_after
 
 
+def test_a_lazy_round_measures_every_group_within_the_margin_in_its_first_chunk():
+    """The first chunk of a lazy round: every group whose estimate lies within the margin of the
+    ``num_groups``-th best estimate, or ``top_k`` if those are fewer (one unmasked pass for the groups the round
+    would re-measure anyway); never-measured groups (estimate +inf) are always in it."""
+    from lightning_prune.allocation import AccuracyEvaluator
+    from lightning_prune.allocation.evaluation import LOCAL
+    from lightning_prune.allocation.sensitivity import _TrialRunner, lazy_margin_count
+
+    model = Net()
+    x, y = _data(144, seed=0)
+    graph = DependencyGraph(model, x[:2])
+    evaluator = AccuracyEvaluator(model, [(x[i:i + 48], y[i:i + 48]) for i in range(0, 144, 48)])
+    estimates = {"a": 144.0, "b": 143.0, "c": 141.0, "d": 130.0}
+    estimate = lambda name: estimates.get(name, float("inf"))
+    assert 141.0 < 144.0 - lazy_margin_count(144, 144) < 142.0  # so "a" and "b" are within it, "c" is not
+
+    def first_chunk(top_k, num_groups, pending):
+        allocator = SensitivityAllocator(mode="fast", top_k=top_k, num_groups=num_groups)
+        runner = _TrialRunner(allocator, graph, evaluator, None, LOCAL)
+        return allocator._first_chunk(runner, pending, estimate)
+
+    assert first_chunk(1, 1, ["a", "b", "c", "d"]) == 2
+    assert first_chunk(3, 1, ["a", "b", "c", "d"]) == 3  # at least top_k
+    bar = 143.0 - lazy_margin_count(143, 144)  # two groups chosen per round: within the margin of the second best
+    assert first_chunk(1, 2, ["a", "b", "c", "d"]) == sum(v >= bar for v in estimates.values())
+    assert first_chunk(1, 1, ["new", "other", "a", "b"]) == 2  # the unmeasured ones first, the measured not
+    assert first_chunk(2, 1, []) == 2
+
+
 def test_the_lazy_margin_buys_re_measurements(trained_digits):
     """The default margin (two plus-four standard errors) re-measures the groups within noise of the best: more
     images than a zero margin, fewer than exact mode (one group per chunk)."""
